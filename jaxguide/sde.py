@@ -1,0 +1,92 @@
+"""The variance-preserving SDE with a linear β schedule: the one source of the noise schedule.
+
+    β(t) = β_min + t (β_max − β_min),  t ∈ [0, T]
+    dx = −½ β(t) x dt + √β(t) dW
+    x_t = α(t) x₀ + σ(t) ε,  log α(t) = −¼ t² (β_max − β_min) − ½ t β_min,  σ(t) = √(1 − α(t)²)
+
+Every function here accepts data of any shape (B, ...): images (B, H, W, C) and 2-D points (B, 2)
+alike; per-sample times have shape (B,) and are broadcast over the trailing axes.
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from jaxguide.errors import ConfigError
+
+
+def broadcast_to_data(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Reshapes a per-sample (B,) or scalar array so that it broadcasts against x of shape (B, ...)."""
+  v = jnp.asarray(v)
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+@flax.struct.dataclass
+class VPSDE:
+  """Variance-preserving SDE (Song et al. 2021) with a linear β schedule; a pytree.
+
+  The defaults β_min = 0.01, β_max = 10 are the reference tutorial's; score_sde uses 0.1 / 20.
+  """
+
+  beta_min: float = 0.01
+  beta_max: float = 10.0
+  T: float = flax.struct.field(pytree_node=False, default=1.0)
+
+  def __post_init__(self):
+    # Only concrete Python numbers are checked: inside jit the fields are tracers.
+    lo, hi = self.beta_min, self.beta_max
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+      if not 0.0 <= lo < hi:
+        raise ConfigError(
+            f"sde.beta_min={lo} and sde.beta_max={hi}: need 0 <= beta_min < beta_max "
+            "(e.g. --config.sde.beta_min=0.01 --config.sde.beta_max=10)")
+
+  def beta(self, t: jax.Array) -> jax.Array:
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def log_alpha(self, t: jax.Array) -> jax.Array:
+    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+  def marginal_coeffs(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(α(t), σ(t)) with the shape of t. σ uses expm1 to stay accurate near t = 0."""
+    log_alpha = self.log_alpha(jnp.asarray(t, jnp.float32))
+    return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+  def alpha_bar(self, t: jax.Array) -> jax.Array:
+    """ᾱ(t) = α(t)², the DDPM cumulative product written in continuous time."""
+    return jnp.exp(2.0 * self.log_alpha(jnp.asarray(t, jnp.float32)))
+
+  def log_snr(self, t: jax.Array) -> jax.Array:
+    """λ(t) = log(α²/σ²), decreasing in t; DPM-Solver steps in half of it."""
+    log_alpha = self.log_alpha(jnp.asarray(t, jnp.float32))
+    return 2.0 * log_alpha - jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+  def perturb(self, key: jax.Array, x0: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Samples x_t ~ p(x_t | x₀) at per-sample times t (B,); returns (x_t, ε)."""
+    eps = jax.random.normal(key, x0.shape, x0.dtype)
+    alpha, sigma = self.marginal_coeffs(t)
+    return broadcast_to_data(alpha, x0) * x0 + broadcast_to_data(sigma, x0) * eps, eps
+
+  def prior_sample(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """x_T ~ N(0, I), the prior the reverse processes start from."""
+    return jax.random.normal(key, shape, dtype)
+
+  def drift(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    """f(x, t) = −½ β(t) x."""
+    return -0.5 * broadcast_to_data(self.beta(t), x) * x
+
+  def diffusion(self, t: jax.Array) -> jax.Array:
+    """g(t) = √β(t), with the shape of t."""
+    return jnp.sqrt(self.beta(t))
+
+  def time_grid(self, steps: int, t_eps: float = 1e-3) -> jax.Array:
+    """steps + 1 decreasing times from T to t_eps: the discretisation every sampler walks."""
+    if steps < 1:
+      raise ConfigError(f"steps={steps}: the number of sampling steps must be >= 1 (e.g. --steps 100)")
+    return jnp.linspace(self.T, t_eps, steps + 1)
+
+  def discrete_alphas_cumprod(self, steps: int, t_eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+    """(times, ᾱ at those times) on `time_grid`: the discrete schedule for ddpm and ddim."""
+    times = self.time_grid(steps, t_eps)
+    return times, self.alpha_bar(times)
