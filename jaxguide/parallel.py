@@ -1,0 +1,52 @@
+"""Data parallelism: one `Mesh` with a `data` axis over the local devices, batches split along it.
+
+One device is the special case of this path, not another code path. Multi-host runs call
+`jax.distributed.initialize()` first (see README); every process then feeds its local slice.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxguide.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named `data` over the given (default: all) devices."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over `data`, the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch_size") -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ConfigError(
+        f"{field}={batch_size} is not divisible by the {n} devices: use a multiple of {n}")
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+  """Places every array of this process's batch with its leading axis split over the mesh.
+
+  `make_array_from_process_local_data` is the multi-host form: each process passes its own slice.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree (parameters, optimizer state) fully replicated on the mesh."""
+  return jax.device_put(tree, replicated(mesh))
