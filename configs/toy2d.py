@@ -1,0 +1,18 @@
+"""2-D labelled Gaussian mixture (`toy:gmm`): exact scores are known; trains in seconds on a CPU."""
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  del arg
+  c = default.get_config()
+  c.models = "score,classifier"
+  c.data.source = "toy:gmm"
+  c.train.update({"steps": 3000, "batch_size": 256, "lr": 1e-3, "warmup_steps": 100,
+                  "log_every": 100, "ckpt_every": 1000, "ema_decay": 0.995})
+  c.score.model = ml_collections.ConfigDict({"arch": "mlp", "hidden": 128, "depth": 3})
+  c.classifier.model = ml_collections.ConfigDict({"arch": "mlp_classifier", "hidden": 128, "depth": 3})
+  c.classifier.train.lr = 1e-3
+  c.sample.update({"sampler": "ddim", "steps": 100, "num_per_class": 256})
+  return c

@@ -1,0 +1,188 @@
+"""Where the config stops: validation, per-model training settings, and model construction.
+
+Library functions take typed arguments; this module turns an ml_collections config into them, and
+turns bad fields into one-line `ConfigError`s that name the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxguide import losses, nets
+from jaxguide.checkpoint import load_config
+from jaxguide.errors import ConfigError
+from jaxguide.sde import VPSDE
+
+MODEL_INDEX = {"score": 0, "classifier": 1, "evaluator": 2}
+ROLE_ARCHS = {"score": ("unet", "mlp"), "classifier": ("classifier", "mlp_classifier"),
+              "evaluator": ("lenet",)}
+ARCHS: dict[str, Callable[..., Any]] = {
+    "unet": nets.UNet, "mlp": nets.MLP, "classifier": nets.NoisyClassifier,
+    "mlp_classifier": nets.MLPClassifier, "lenet": nets.LeNet}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Sections that must match between a workdir's saved config and the one resuming it.
+FROZEN_SECTIONS = ("data", "sde", "score.model", "classifier.model", "evaluator.model")
+
+
+def model_names(config: ml_collections.ConfigDict) -> list[str]:
+  models = config.models
+  names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
+  for m in names:
+    if m not in MODEL_INDEX:
+      raise ConfigError(f"models={config.models!r}: unknown model {m!r}: use a comma list of "
+                        "score, classifier, evaluator")
+  if not names:
+    raise ConfigError("models='': name at least one of score, classifier, evaluator")
+  return names
+
+
+def model_train_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """config.train with the model's own `config.<name>.train` overrides applied."""
+  merged = ml_collections.ConfigDict(config.train.to_dict())
+  overrides = config[name].get("train", None)
+  if overrides is not None:
+    for key, value in overrides.items():
+      if key not in merged:
+        raise ConfigError(f"{name}.train.{key} is not a training setting: use one of {sorted(merged)}")
+      merged[key] = value
+  return merged
+
+
+def _check(cond: bool, field: str, value: Any, fix: str) -> None:
+  if not cond:
+    raise ConfigError(f"{field}={value!r}: {fix}")
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_train(tc: ml_collections.ConfigDict, prefix: str) -> None:
+  for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
+    _check(_is_int(tc[key]) and tc[key] > 0, f"{prefix}.{key}", tc[key], "must be a positive integer")
+  _check(_is_int(tc.warmup_steps) and tc.warmup_steps >= 0, f"{prefix}.warmup_steps", tc.warmup_steps,
+         "must be a non-negative integer")
+  for key in ("lr", "grad_clip"):
+    _check(isinstance(tc[key], (int, float)) and tc[key] > 0 and math.isfinite(tc[key]),
+           f"{prefix}.{key}", tc[key], "must be a positive number")
+  _check(0.0 <= tc.weight_decay, f"{prefix}.weight_decay", tc.weight_decay, "must be >= 0")
+  _check(0.0 <= tc.ema_decay < 1.0, f"{prefix}.ema_decay", tc.ema_decay, "must be in [0, 1), e.g. 0.999")
+  _check(0.0 < tc.t_eps < 1.0, f"{prefix}.t_eps", tc.t_eps, "must be in (0, 1), e.g. 1e-3")
+  _check(tc.schedule in ("constant", "cosine"), f"{prefix}.schedule", tc.schedule,
+         "use 'constant' or 'cosine'")
+  _check(tc.dtype in DTYPES, f"{prefix}.dtype", tc.dtype, f"use one of {sorted(DTYPES)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field train_and_evaluate uses; raises ConfigError on the first bad one."""
+  _check(_is_int(config.seed), "seed", config.seed, "must be an integer")
+  VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)   # raises on a bad schedule
+  _validate_train(config.train, "train")
+  _check(_is_int(config.train.num_devices) and config.train.num_devices >= 0, "train.num_devices",
+         config.train.num_devices, "must be 0 (all local devices) or a positive integer")
+  for name in model_names(config):
+    _validate_train(model_train_config(config, name), f"{name}.train")
+    arch = config[name].model.arch
+    _check(arch in ROLE_ARCHS[name], f"{name}.model.arch", arch, f"use one of {ROLE_ARCHS[name]}")
+  if "score" in model_names(config):
+    p = config.score.p_uncond
+    _check(0.0 <= p < 1.0, "score.p_uncond", p, "must be in [0, 1), e.g. 0.1 (0 disables CFG training)")
+
+
+def devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+  n, available = config.train.num_devices, jax.local_devices()
+  if n > len(available):
+    raise ConfigError(f"train.num_devices={n}: only {len(available)} local devices: use at most "
+                      f"{len(available)}, or 0 for all")
+  return available[:n] if n else available
+
+
+def data_seed(config: ml_collections.ConfigDict, name: str) -> int:
+  return int(config.seed) * len(MODEL_INDEX) + MODEL_INDEX[name]
+
+
+def _section(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def _normalise(tree: Any) -> Any:
+  """JSON turns tuples into lists; compare configs in the JSON form."""
+  if isinstance(tree, dict):
+    return {k: _normalise(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_normalise(v) for v in tree]
+  return tree
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Read-only checks: the workdir is a writable folder (or can be made), and a run already in it
+  was trained with the same data, SDE and architectures, so resuming cannot mix two runs."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={workdir} is a file, not a folder: choose a new folder path")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={workdir}: {parent} is not a writable folder: choose a writable path")
+  saved = load_config(path) if os.path.isdir(path) else None
+  if saved is None:
+    return
+  for section in FROZEN_SECTIONS:
+    old, new = _normalise(_section(saved, section)), _normalise(_section(config, section))
+    if old is not None and new is not None and old != new:
+      raise ConfigError(f"--workdir={workdir} holds a run with another {section} ({old} != {new}): "
+                        "use a new --workdir, or the config it was trained with")
+
+
+def make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}): choose a writable path") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A model built from the config: the module, example inputs for init, and its training loss."""
+  name: str
+  model: Any
+  init_args: tuple
+  loss_fn: losses.LossFn
+  num_classes: int
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> Any:
+  kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in model_cfg.to_dict().items() if k != "arch"}
+  return ARCHS[model_cfg.arch](num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> ModelSpec:
+  tc = model_train_config(config, name)
+  model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype])
+  sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+  x = jnp.zeros((1,) + tuple(train_ds.shape), jnp.float32)
+  t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+  if name == "score":
+    loss = losses.make_eps_loss(model.apply, sde, num_classes=train_ds.num_classes,
+                                p_uncond=config.score.p_uncond, t_eps=tc.t_eps)
+    init_args = (x, t, y)
+  elif name == "classifier":
+    loss = losses.make_noisy_classifier_loss(model.apply, sde, t_eps=tc.t_eps)
+    init_args = (x, t)
+  else:
+    loss = losses.make_evaluator_loss(model.apply, max_shift=config.evaluator.get("max_shift", 2))
+    init_args = (x,)
+  return ModelSpec(name, model, init_args, loss, train_ds.num_classes)

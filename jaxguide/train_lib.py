@@ -1,0 +1,177 @@
+"""Training: `TrainState` with EMA, a sharded jitted `train_step`, and `train_and_evaluate`.
+
+Patterned on the Flax imagenet example (create_train_state / train_step / train_and_evaluate) and
+vdm (EMA inside the state, per-step keys from `fold_in(rng, step)`). The batch is split over a
+`data` mesh axis of all local devices; one device is the same code path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxguide import checkpoint, config_lib, data, evaluate, parallel
+from jaxguide.losses import LossFn
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Parameters, their EMA, the optimizer state and the run's base key; `step` counts updates."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.999)
+
+  def apply_gradients(self, grads) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    # EMA warm-up (as in TF's ExponentialMovingAverage with num_updates): short runs still get a
+    # useful average instead of one dominated by the random initialisation.
+    decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+    ema = optax.incremental_update(params, self.ema_params, 1.0 - decay)
+    return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+  def checkpoint_tree(self) -> dict[str, Any]:
+    """What a checkpoint holds: everything but the static optimizer definition."""
+    return {"step": self.step, "params": self.params, "ema_params": self.ema_params,
+            "opt_state": self.opt_state, "rng": self.rng}
+
+  def from_checkpoint_tree(self, tree: dict[str, Any]) -> "TrainState":
+    return self.replace(**tree)
+
+
+def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, with linear warm-up then constant or cosine learning rate."""
+  warmup = max(int(tc.warmup_steps), 1)
+  if tc.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(int(tc.steps), warmup + 1),
+                                            end_value=0.1 * tc.lr)
+  else:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warmup), optax.constant_schedule(tc.lr)],
+                              [warmup])
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(lr, weight_decay=tc.weight_decay))
+
+
+def create_train_state(key: jax.Array, model: flax.linen.Module, init_args: tuple,
+                       tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+  init_key, state_key = jax.random.split(key)
+  params = jax.jit(model.init)(init_key, *init_args)["params"]
+  # The EMA gets its own buffers: the train step donates the state, and one buffer cannot be
+  # donated twice.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=tx.init(params), rng=state_key, tx=tx, ema_decay=ema_decay)
+
+
+def make_train_step(loss_fn: LossFn, mesh: jax.sharding.Mesh) -> Callable:
+  """One jitted update: the state replicated, the batch split over `data`, the state donated.
+
+  Under jit with a sharded batch the mean loss is over the global batch, so gradients are
+  averaged across devices by XLA; no pmean by hand.
+  """
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return state.apply_gradients(grads), metrics
+
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to workdir/metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_model(name: str, config: ml_collections.ConfigDict, workdir: str,
+                train_ds: data.Dataset, mesh: jax.sharding.Mesh,
+                writer: MetricsWriter, progress: bool = True) -> tuple[TrainState, dict[str, float]]:
+  """Trains (or resumes) one model of `config.models` to its step count; returns state and speed."""
+  tc = config_lib.model_train_config(config, name)
+  spec = config_lib.model_spec(name, config, train_ds)
+  tx = make_optimizer(tc)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), config_lib.MODEL_INDEX[name])
+  state = parallel.replicate(create_train_state(key, spec.model, spec.init_args, tx, tc.ema_decay), mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", name),
+                                 save_every=tc.ckpt_every, keep=tc.keep_ckpts)
+  if ckpt.latest_step() is not None:
+    state = state.from_checkpoint_tree(ckpt.restore(state.checkpoint_tree()))
+  start = int(state.step)
+  step_fn = make_train_step(spec.loss_fn, mesh)
+  batches = data.Batches(train_ds, tc.batch_size, seed=config_lib.data_seed(config, name), start_step=start)
+  speed = {"images_per_s": float("nan"), "compile_s": float("nan")}
+  bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=name, disable=not progress,
+             dynamic_ncols=True, mininterval=1.0)
+  t0 = time.perf_counter()
+  t_last, n_last = t0, start
+  try:
+    for step in bar:
+      batch = parallel.shard_batch(next(batches), mesh)
+      state, metrics = step_fn(state, batch)
+      if step == start:   # the first call compiles: time it apart from the throughput
+        jax.block_until_ready(state.step)
+        speed["compile_s"] = time.perf_counter() - t0
+        t_last, n_last = time.perf_counter(), step + 1
+      if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+        host = _host_metrics(metrics)
+        now = time.perf_counter()
+        if step + 1 > n_last:
+          speed["images_per_s"] = (step + 1 - n_last) * tc.batch_size / (now - t_last)
+        writer.write({"model": name, "step": step + 1, **host, "images_per_s": speed["images_per_s"]})
+        bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{speed['images_per_s']:.0f}")
+      ckpt.save(step + 1, state.checkpoint_tree())
+    if ckpt.latest_step() != tc.steps:
+      ckpt.save(tc.steps, state.checkpoint_tree(), force=True)
+  finally:
+    bar.close()
+    ckpt.close()
+  return state, speed
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool = True) -> dict[str, Any]:
+  """Trains every model in `config.models` (resuming from `workdir`), evaluates each, writes a report."""
+  # Everything is checked before the workdir is created or written: bad input changes nothing.
+  config_lib.validate(config)
+  config_lib.check_workdir(workdir, config)
+  mesh = parallel.data_mesh(config_lib.devices(config))
+  train_ds = data.load(config.data.source, "train", data_dir=config.data.data_dir or None)
+  test_ds = data.load(config.data.source, "test", data_dir=config.data.data_dir or None)
+  for name in config_lib.model_names(config):
+    parallel.check_divisible(config_lib.model_train_config(config, name).batch_size, mesh,
+                             field=f"{name}.train.batch_size")
+  config_lib.make_workdir(workdir)
+  checkpoint.save_config(workdir, config)
+  writer = MetricsWriter(workdir)
+  report: dict[str, Any] = {}
+  for name in config_lib.model_names(config):
+    state, speed = train_model(name, config, workdir, train_ds, mesh, writer, progress)
+    spec = config_lib.model_spec(name, config, train_ds)
+    report[name] = {**speed, "steps": int(state.step),
+                    "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+                    **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
+  checkpoint.atomic_write_text(os.path.join(workdir, "train_report.json"), json.dumps(report, indent=2))
+  return report
