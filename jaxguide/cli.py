@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxguide.errors import ConfigError
 
@@ -32,6 +32,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run with our parser; ConfigError from anywhere in main becomes one line and exit 2."""
   def guarded(argv):
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     try:
       main(argv)
     except ConfigError as e:

@@ -1,0 +1,339 @@
+"""Tests for jaxguide.data: every source offline, pure (seed, step) batching, one-line errors."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxguide import data
+from jaxguide import gmm
+from jaxguide.errors import ConfigError
+
+
+def _assert_one_line_error(excinfo, *fragments: str) -> None:
+  message = str(excinfo.value)
+  assert "\n" not in message, message
+  for fragment in fragments:
+    assert fragment in message, message
+
+
+def _assert_images(ds: data.Dataset, n: int, shape: tuple[int, ...], k: int) -> None:
+  chex.assert_shape(ds.image, (n,) + shape)
+  chex.assert_shape(ds.label, (n,))
+  assert ds.image.dtype == np.float32 and ds.label.dtype == np.int32
+  assert len(ds) == n and ds.shape == shape and ds.num_classes == k
+  assert ds.image.min() >= -1.0 and ds.image.max() <= 1.0
+  assert ds.label.min() >= 0 and ds.label.max() < k
+  # x / 127.5 − 1 of uint8 pixels: undoing it gives integers in 0..255.
+  pixels = (ds.image.astype(np.float64) + 1.0) * 127.5
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------- sources
+
+
+def test_mnist5k_splits():
+  train, test = data.load("mnist5k"), data.load("mnist5k", "test")
+  _assert_images(train, 4000, (28, 28, 1), 10)
+  _assert_images(test, 1000, (28, 28, 1), 10)
+  assert train.image.min() == -1.0 and train.image.max() == 1.0
+  # The file holds 500 digits of each class; the two splits together must hold all of them.
+  np.testing.assert_array_equal(np.bincount(np.concatenate([train.label, test.label])), [500] * 10)
+  train_rows = {row.tobytes() for row in train.image}
+  assert len(train_rows) == 4000
+  assert not any(row.tobytes() in train_rows for row in test.image)
+  assert data.info("mnist5k") == ((28, 28, 1), 10) and data.num_classes("mnist5k") == 10
+
+
+def test_mnist5k_is_identical_across_calls_and_read_only():
+  first, again = data.load("mnist5k"), data.load("mnist5k", "train")
+  np.testing.assert_array_equal(first.image, again.image)
+  np.testing.assert_array_equal(first.label, again.label)
+  with pytest.raises(ValueError):
+    first.image[0, 0, 0, 0] = 0.5  # the cached split is shared, so it must not be writeable
+
+
+def test_toy_gmm():
+  mixture = data.toy_mixture()
+  reference = gmm.ring_mixture()
+  chex.assert_trees_all_close(mixture, reference)
+  train, test = data.load("toy:gmm"), data.load("toy:gmm", "test")
+  for ds, n in ((train, 10_000), (test, 2_000)):
+    chex.assert_shape(ds.image, (n, 2))
+    assert ds.image.dtype == np.float32 and ds.label.dtype == np.int32
+    assert ds.shape == (2,) and ds.num_classes == mixture.num_classes
+    assert ds.label.min() >= 0 and ds.label.max() < mixture.num_classes
+  x, y = mixture.sample(jax.random.PRNGKey(1), 2_000)
+  np.testing.assert_allclose(test.image, np.asarray(x))
+  np.testing.assert_array_equal(test.label, np.asarray(y))
+  assert data.info("toy:gmm") == ((2,), mixture.num_classes)
+
+
+def _write_idx(path: str, array: np.ndarray, compress: bool) -> None:
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+  payload = header + array.astype(np.uint8).tobytes()
+  if compress:
+    with gzip.open(path + ".gz", "wb") as f:
+      f.write(payload)
+  else:
+    with open(path, "wb") as f:
+      f.write(payload)
+
+
+def _idx_folder(root, compress: bool) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, n, top in (("train", 12, 9), ("test", 5, 4)):
+    images = rng.integers(0, 256, (n, 4, 3), dtype=np.uint8)
+    images[0, 0, 0], images[0, 0, 1] = 0, 255
+    labels = rng.integers(0, top, n).astype(np.uint8)
+    labels[-1] = top  # train holds label 9 so num_classes is 10; test only goes up to 4
+    image_file, label_file = data._IDX_FILES[split]
+    _write_idx(os.path.join(root, image_file), images, compress)
+    _write_idx(os.path.join(root, label_file), labels, compress)
+    arrays[split] = images, labels
+  return str(root), arrays
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_folder(tmp_path, compress):
+  folder, arrays = _idx_folder(tmp_path, compress)
+  source = "idx:" + folder
+  for split, n in (("train", 12), ("test", 5)):
+    ds = data.load(source, split)
+    _assert_images(ds, n, (4, 3, 1), 10)
+    images, labels = arrays[split]
+    np.testing.assert_allclose(ds.image[..., 0], images / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(ds.label, labels)
+    assert ds.name == source
+  assert data.info(source) == ((4, 3, 1), 10)
+
+
+def test_idx_missing_folder_or_file(tmp_path):
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("idx:" + str(tmp_path / "nope"))
+  _assert_one_line_error(excinfo, "data.source", str(tmp_path / "nope"), "dataset-fashion-mnist")
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("idx:" + str(tmp_path), "test")
+  _assert_one_line_error(excinfo, "data.source", "t10k-images-idx3-ubyte", "MNIST-format")
+
+
+def test_idx_bad_header(tmp_path):
+  folder, _ = _idx_folder(tmp_path, compress=False)
+  with open(os.path.join(folder, "train-images-idx3-ubyte"), "wb") as f:
+    f.write(b"not an idx file")
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("idx:" + folder)
+  _assert_one_line_error(excinfo, "data.source", "not an IDX file")
+
+
+@pytest.mark.parametrize("source", ["mnist6k", "idx:", "tfds:", "toy:moons", "", None, 5])
+def test_bad_source(source):
+  with pytest.raises(ConfigError) as excinfo:
+    data.load(source)
+  _assert_one_line_error(excinfo, "data.source", "mnist5k, idx:DIR, tfds:NAME or toy:gmm")
+
+
+def test_bad_source_message_is_exact():
+  with pytest.raises(ConfigError, match="^data.source='mnist6k' is not a known source: use "
+                     "mnist5k, idx:DIR, tfds:NAME or toy:gmm$"):
+    data.load("mnist6k")
+
+
+@pytest.mark.parametrize("split", ["val", "validation", "TRAIN", None])
+def test_bad_split(split):
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("mnist5k", split)
+  _assert_one_line_error(excinfo, "data.split", "train or test")
+
+
+# ------------------------------------------------------------------------------------------ tfds
+
+
+@pytest.fixture
+def tfds_tmp(monkeypatch, tmp_path):
+  """A data_dir for TFDS that also receives the empty temp dirs `tfds.builder` leaves behind."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  return tmp_path
+
+
+def test_tfds_mock(monkeypatch, tfds_tmp):
+  # mock_data (policy AUTO -> USE_CODE here: tfds ships no mnist metadata) reports the dataset as
+  # not prepared, so the network probe is answered "yes"; download_and_prepare is a mocked no-op.
+  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  with tfds.testing.mock_data(num_examples=6):
+    for split in data.SPLITS:
+      ds = data.load("tfds:mnist", split, data_dir=str(tfds_tmp))
+      _assert_images(ds, 6, (28, 28, 1), 10)
+      assert ds.name == "tfds:mnist"
+    assert data.info("tfds:mnist", str(tfds_tmp)) == ((28, 28, 1), 10)
+    chex.assert_shape(data.load("tfds:cifar10", "test").image, (6, 32, 32, 3))
+
+
+def test_tfds_fails_fast_without_network(monkeypatch, tfds_tmp):
+  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: False)
+
+  def no_download(*args, **kwargs):
+    raise AssertionError("tfds.data_source must not be reached without network")
+
+  monkeypatch.setattr(tfds, "data_source", no_download)
+  start = time.monotonic()
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("tfds:mnist", data_dir=str(tfds_tmp))
+  assert time.monotonic() - start < 5.0
+  _assert_one_line_error(excinfo, "data.source='tfds:mnist'", "not prepared in " + str(tfds_tmp),
+                         "cannot be downloaded", "tfds build mnist", "mnist5k / idx:DIR")
+
+
+def test_tfds_tfrecord_only_copy(monkeypatch, tfds_tmp):
+  # `tfds build` writes TFRecord by default; tfds.data_source then raises NotImplementedError.
+  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+
+  def tfrecord_only(*args, **kwargs):
+    raise NotImplementedError("Random access data source for file format tfrecord")
+
+  monkeypatch.setattr(tfds, "data_source", tfrecord_only)
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("tfds:mnist", data_dir=str(tfds_tmp))
+  _assert_one_line_error(excinfo, "data.source='tfds:mnist'", "--file_format=array_record")
+
+
+def test_tfds_unknown_name(tfds_tmp):
+  with pytest.raises(ConfigError) as excinfo:
+    data.load("tfds:no_such_dataset_xyz", data_dir=str(tfds_tmp))
+  _assert_one_line_error(excinfo, "data.source='tfds:no_such_dataset_xyz'", "tfds:mnist")
+
+
+def test_download_probe_without_network(monkeypatch):
+  monkeypatch.delenv("https_proxy", raising=False)
+  monkeypatch.delenv("HTTPS_PROXY", raising=False)
+  addresses = []
+
+  class FakeSocket:
+    def close(self):
+      pass
+
+  def connects(address, timeout):
+    addresses.append(address)
+    return FakeSocket()
+
+  def refuses(address, timeout):
+    raise OSError("unreachable")
+
+  def hangs(address, timeout):
+    time.sleep(1.0)  # a stalled DNS lookup: longer than the probe waits
+    return FakeSocket()
+
+  monkeypatch.setattr(socket, "create_connection", connects)
+  assert data._can_download(timeout=0.2) and addresses == [data._TFDS_HOST]
+  monkeypatch.setattr(socket, "create_connection", refuses)
+  assert not data._can_download(timeout=0.2)
+  monkeypatch.setattr(socket, "create_connection", hangs)
+  start = time.monotonic()
+  assert not data._can_download(timeout=0.2)
+  assert time.monotonic() - start < 0.8
+  monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+  assert data._probe_address() == ("proxy.example", 3128)
+
+
+# --------------------------------------------------------------------------------------- batches
+
+
+def _indexed(n: int) -> data.Dataset:
+  """A dataset whose example i is the number i, so batches reveal the indices they drew."""
+  return data.Dataset(np.arange(n, dtype=np.float32)[:, None], np.arange(n) % 3, 3, "indexed")
+
+
+def _drawn(batch: dict[str, np.ndarray]) -> np.ndarray:
+  idx = batch["image"][:, 0].astype(np.int64)
+  np.testing.assert_array_equal(batch["label"], idx % 3)  # images and labels stay paired
+  return idx
+
+
+def _perm(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def test_dataset_checks_its_arrays():
+  with pytest.raises(ConfigError) as excinfo:
+    data.Dataset(np.zeros((3, 2)), np.array([0, 1, 5]), 3, "toy:gmm")
+  _assert_one_line_error(excinfo, "data.source='toy:gmm'", "[0, 3)")
+  with pytest.raises(ConfigError):
+    data.Dataset(np.zeros((3, 2)), np.array([0, 1]), 3, "toy:gmm")
+  mine = np.zeros((2, 2), np.float32)
+  data.Dataset(mine, np.array([0, 1]), 2, "toy:gmm")
+  mine[0, 0] = 1.0  # the caller's array stays writeable; only the dataset's view is frozen
+
+
+class BatchAtTest(chex.TestCase):
+
+  def test_shapes_and_determinism(self):
+    ds = data.load("mnist5k", "test")
+    batch = data.batch_at(ds, 7, 32, seed=3)
+    chex.assert_shape(batch["image"], (32, 28, 28, 1))
+    chex.assert_shape(batch["label"], (32,))
+    self.assertEqual(batch["image"].dtype, np.float32)
+    self.assertEqual(batch["label"].dtype, np.int32)
+    chex.assert_trees_all_equal(batch, data.batch_at(ds, 7, 32, seed=3))
+    self.assertFalse(np.array_equal(batch["image"], data.batch_at(ds, 8, 32, 3)["image"]))
+    self.assertFalse(np.array_equal(batch["image"], data.batch_at(ds, 7, 32, 4)["image"]))
+
+  def test_each_epoch_covers_every_example_once(self):
+    ds = _indexed(10)
+    epoch0 = np.concatenate([_drawn(data.batch_at(ds, s, 5, 1)) for s in (0, 1)])
+    epoch1 = np.concatenate([_drawn(data.batch_at(ds, s, 5, 1)) for s in (2, 3)])
+    np.testing.assert_array_equal(epoch0, _perm(1, 0, 10))
+    np.testing.assert_array_equal(epoch1, _perm(1, 1, 10))
+    self.assertFalse(np.array_equal(epoch0, epoch1))
+
+  def test_batches_cross_epoch_boundaries(self):
+    ds = _indexed(10)
+    stream = np.concatenate([_drawn(data.batch_at(ds, s, 4, 2)) for s in range(5)])
+    np.testing.assert_array_equal(stream, np.concatenate([_perm(2, 0, 10), _perm(2, 1, 10)]))
+
+  def test_batch_larger_than_dataset(self):
+    ds = _indexed(10)
+    expected = np.concatenate([_perm(0, e, 10) for e in range(5)])
+    np.testing.assert_array_equal(_drawn(data.batch_at(ds, 0, 25, 0)), expected[:25])
+    np.testing.assert_array_equal(_drawn(data.batch_at(ds, 1, 25, 0)), expected[25:50])
+
+  def test_bad_arguments(self):
+    ds = _indexed(10)
+    for kwargs, field in (({"batch_size": 0}, "train.batch_size"), ({"seed": -1}, "seed"),
+                          ({"step": -2}, "step")):
+      args = {"step": 0, "batch_size": 4, "seed": 0, **kwargs}
+      with pytest.raises(ConfigError) as excinfo:
+        data.batch_at(ds, **args)
+      _assert_one_line_error(excinfo, field)
+
+
+class BatchesTest(chex.TestCase):
+
+  def test_resumed_iterator_equals_tail_of_straight_run(self):
+    ds = _indexed(10)
+    straight = list(itertools.islice(data.Batches(ds, 4, seed=5), 9))
+    resumed = data.Batches(ds, 4, seed=5, start_step=3)
+    self.assertEqual(resumed.step, 3)
+    tail = list(itertools.islice(resumed, 6))
+    self.assertEqual(resumed.step, 9)
+    chex.assert_trees_all_equal(straight[3:], tail)
+    chex.assert_trees_all_equal(straight[4], data.batch_at(ds, 4, 4, 5))
+
+  def test_prefetch_matches_and_does_not_pile_up_threads(self):
+    ds = _indexed(10)
+    baseline = threading.active_count()
+    with_prefetch = data.Batches(ds, 3, seed=0)
+    batches = list(itertools.islice(with_prefetch, 50))
+    self.assertLessEqual(threading.active_count(), baseline + 1)
+    plain = list(itertools.islice(data.Batches(ds, 3, seed=0, prefetch=False), 50))
+    chex.assert_trees_all_equal(batches, plain)
