@@ -23,7 +23,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=True,
+        max_to_keep=keep, create=True,
+        # Saves on multiples of save_every only (orbax would also save the first step it sees).
+        should_save_fn=lambda step, last_saved: step % save_every == 0,
         cleanup_tmp_directories=True,        # removes what a killed save left behind
         enable_async_checkpointing=False)    # a returned save is on disk: simple, preemption-safe
     self.directory = os.path.abspath(directory)
@@ -41,10 +43,11 @@ class Checkpointer:
     self._manager.wait_until_finished()
     return saved
 
-  def restore(self, target: Any, step: int | None = None) -> Any:
-    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs)."""
+  def restore(self, target: Any = None, step: int | None = None) -> Any:
+    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs);
+    without a target, as saved (nested dicts of arrays on the default device)."""
     step = self.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self) -> None:

@@ -38,30 +38,40 @@ def accuracy(apply_fn: Callable[..., jax.Array], params: Any, images: np.ndarray
   return float(np.mean(classify(apply_fn, params, images) == labels))
 
 
-def noisy_accuracy(apply_fn, params, sde: VPSDE, images: np.ndarray, labels: np.ndarray,
-                   t: float, seed: int = 0) -> float:
-  """Accuracy of a noise-conditional classifier on test images noised to time t (fixed noise)."""
-  def fn(x, key):
+def _chunk_keys(n: int, seed: int, batch_size: int = 500) -> np.ndarray:
+  """One key per example, equal within each chunk of `batched`: fixed noise for every call."""
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), -(-n // batch_size)))
+  return np.repeat(keys, batch_size, axis=0)[:n]
+
+
+def make_noisy_accuracy(apply_fn, params, sde: VPSDE) -> Callable[..., float]:
+  """(images, labels, t) -> accuracy of a noise-conditional classifier on images noised to time t.
+  One compilation serves every t: t is traced."""
+  @jax.jit
+  def predict(x, key, t):
     tt = jnp.full((x.shape[0],), t, jnp.float32)
     x_t, _ = sde.perturb(key[0], x, tt)
     return jnp.argmax(apply_fn({"params": params}, x_t, tt), -1)
-  keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), -(-len(images) // 500)))
-  keys = np.repeat(keys, 500, axis=0)[:len(images)]
-  return float(np.mean(batched(jax.jit(fn), images, keys) == labels))
+
+  def fn(images, labels, t, seed=0):
+    pred = batched(lambda x, k: predict(x, k, t), images, _chunk_keys(len(images), seed))
+    return float(np.mean(pred == labels))
+  return fn
 
 
-def eps_mse(apply_fn, params, sde: VPSDE, images: np.ndarray, labels: np.ndarray, t: float,
-            null_label: int | None = None, seed: int = 0) -> float:
-  """Held-out ε-prediction error at time t, conditional (or with the null label if given)."""
-  def fn(x, y, key):
+def make_eps_mse(apply_fn, params, sde: VPSDE) -> Callable[..., float]:
+  """(images, labels, t) -> held-out ε-prediction error at time t; pass the null label as labels
+  for the unconditional error. One compilation serves every t."""
+  @jax.jit
+  def err(x, y, key, t):
     tt = jnp.full((x.shape[0],), t, jnp.float32)
     x_t, eps = sde.perturb(key[0], x, tt)
-    y = y if null_label is None else jnp.full_like(y, null_label)
-    return jnp.mean((apply_fn({"params": params}, x_t, tt, y) - eps) ** 2,
-                    axis=tuple(range(1, x.ndim)))
-  keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), -(-len(images) // 500)))
-  keys = np.repeat(keys, 500, axis=0)[:len(images)]
-  return float(np.mean(batched(jax.jit(fn), images, labels, keys)))
+    return jnp.mean((apply_fn({"params": params}, x_t, tt, y) - eps) ** 2, axis=tuple(range(1, x.ndim)))
+
+  def fn(images, labels, t, seed=0):
+    return float(np.mean(batched(lambda x, y, k: err(x, y, k, t), images, labels,
+                                 _chunk_keys(len(images), seed))))
+  return fn
 
 
 def evaluate_model(name: str, spec: Any, config: ml_collections.ConfigDict, params: Any,
@@ -73,7 +83,9 @@ def evaluate_model(name: str, spec: Any, config: ml_collections.ConfigDict, para
   if name == "evaluator":
     return {"test_accuracy": accuracy(apply_fn, params, x, y)}
   if name == "classifier":
-    return {f"test_accuracy_t{t:g}": noisy_accuracy(apply_fn, params, sde, x, y, t) for t in EVAL_TIMES}
-  out = {f"test_eps_mse_t{t:g}": eps_mse(apply_fn, params, sde, x, y, t) for t in EVAL_TIMES}
-  out["test_eps_mse_null_t0.5"] = eps_mse(apply_fn, params, sde, x, y, 0.5, null_label=spec.num_classes)
+    acc = make_noisy_accuracy(apply_fn, params, sde)
+    return {f"test_accuracy_t{t:g}": acc(x, y, t) for t in EVAL_TIMES}
+  mse = make_eps_mse(apply_fn, params, sde)
+  out = {f"test_eps_mse_t{t:g}": mse(x, y, t) for t in EVAL_TIMES}
+  out["test_eps_mse_null_t0.5"] = mse(x, np.full_like(y, spec.num_classes), 0.5)
   return out

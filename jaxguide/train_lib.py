@@ -84,7 +84,7 @@ def make_train_step(loss_fn: LossFn, mesh: jax.sharding.Mesh) -> Callable:
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads), metrics
 
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)

@@ -1,0 +1,85 @@
+"""Training end to end on the toy mixture: loss falls, resume is exact, 8 devices equal 1."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import numpy as np
+import pytest
+
+from jaxguide import checkpoint, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def final_tree(workdir, name="score"):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", name))
+  tree = ckpt.restore()
+  ckpt.close()
+  return tree
+
+
+def test_toy_training_lowers_loss(toy_config, tmp_path):
+  toy_config.train.update({"steps": 300, "log_every": 25, "ckpt_every": 300, "lr": 3e-3})
+  report = train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  score = [r["loss"] for r in records if r["model"] == "score"]
+  assert np.mean(score[-2:]) < 0.8 * score[0], score
+  # Noised points at large t are unclassifiable, so the classifier's loss stays well above 0;
+  # it must still fall clearly below chance, log 4.
+  clf = [r["loss"] for r in records if r["model"] == "classifier"]
+  assert np.mean(clf[-2:]) < min(clf[0], np.log(4) - 0.2), clf
+  assert all(np.isfinite(report[m]["images_per_s"]) for m in ("score", "classifier"))
+  assert report["score"]["steps"] == 300 and report["classifier"]["steps"] == 150
+  # The classifier is near-perfect on clean points and near chance (1/4) on pure noise.
+  assert report["classifier"]["test_accuracy_t0.05"] > 0.9
+  assert report["classifier"]["test_accuracy_t1"] < 0.45
+  assert json.loads((tmp_path / "train_report.json").read_text())["score"]["steps"] == 300
+
+
+def test_resume_equals_straight_run(toy_config, tmp_path):
+  toy_config.models = "score"
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train_lib.train_and_evaluate(toy_config, straight, progress=False)
+  toy_config.train.steps = 20          # stopped half-way at a checkpoint ...
+  train_lib.train_and_evaluate(toy_config, resumed, progress=False)
+  assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints", "score")).latest_step() == 20
+  toy_config.train.steps = 40          # ... then the same command again
+  train_lib.train_and_evaluate(toy_config, resumed, progress=False)
+  a, b = final_tree(straight), final_tree(resumed)
+  assert int(a["step"]) == int(b["step"]) == 40
+  chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0)
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, {root!r})
+    import chex, jax
+    from configs import toy2d
+    from jaxguide import checkpoint, train_lib
+    assert jax.local_device_count() == 8
+    trees = []
+    for n in (1, 8):
+      c = toy2d.get_config()
+      c.models = "score"
+      c.train.update(dict(steps=30, batch_size=64, ckpt_every=30, log_every=10, num_devices=n))
+      c.score.model.update(dict(hidden=32, depth=2))
+      workdir = os.path.join({tmp!r}, str(n))
+      train_lib.train_and_evaluate(c, workdir, progress=False)
+      ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "score"))
+      trees.append(ckpt.restore())
+    chex.assert_trees_all_close(trees[0], trees[1], atol=2e-5, rtol=1e-4)
+    print("EQUAL")
+""")
+
+
+def test_eight_devices_equal_one(tmp_path):
+  script = MULTI_DEVICE_SCRIPT.format(root=ROOT, tmp=str(tmp_path))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=300)
+  assert out.returncode == 0 and "EQUAL" in out.stdout, out.stderr[-3000:]
