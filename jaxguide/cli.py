@@ -1,6 +1,7 @@
 """What train.py and sample.py share: absl flag parsing that turns bad input into one line and exit 2."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -17,15 +18,35 @@ def fail(message: str) -> None:
   sys.exit(USAGE_EXIT)
 
 
+def one_line(message: str) -> str:
+  """The line that says what went wrong: a config file's own error is the last line of the
+  traceback text that ml_collections embeds in its message."""
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  if not lines:
+    return "invalid input"
+  if any(l.startswith("Traceback") for l in lines):
+    return f"{lines[0].split(':')[0]}: {lines[-1].split(': ', 1)[-1]}"
+  return lines[0]
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's parser, with flag and config-file errors reported as one line (absl prints a page)."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except (ConfigError, ValueError, ImportError, OSError, SyntaxError) as e:
-    # A config file that fails to load (unknown preset, missing file) surfaces here.
-    fail(str(e).splitlines()[0])
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS.config.keys()   # config_flags loads lazily: make a missing file fail here
+    return rest
+  except (AttributeError, KeyError) as e:
+    # An override of a field the config does not have; ml_collections suggests the near miss.
+    near = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
+    if near:
+      fail(f"--config.*.{near[2]}: the config has no field {near[2]!r}: did you mean {near[1]!r}?")
+    field = re.sub(r"[^\w.]+", " ", str(e)).strip()
+    fail(f"--config: unknown field {field}: check the name in the config file")
+  except OSError as e:
+    fail(f"--config: {one_line(str(e).splitlines()[-1].strip())}: give an existing config file")
+  except (flags.Error, ValueError, ImportError, SyntaxError) as e:
+    fail(one_line(str(e)) if str(e) else type(e).__name__)
   return []
 
 
