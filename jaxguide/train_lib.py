@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxguide import checkpoint, config_lib, data, evaluate, parallel
+from jaxguide import checkpoint, config_lib, data, evaluate, parallel, pipeline
 from jaxguide.losses import LossFn
 
 
@@ -165,6 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                              field=f"{name}.train.batch_size")
   config_lib.make_workdir(workdir)
   checkpoint.save_config(workdir, config)
+  pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
   writer = MetricsWriter(workdir)
   report: dict[str, Any] = {}
   for name in config_lib.model_names(config):

@@ -1,0 +1,175 @@
+"""From a trained workdir to guided samples: restore the EMA models, build the guided ε-function,
+sample many labels and scales in one compiled call. Shared by sample.py and train.py's grids."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxguide import checkpoint, config_lib, guidance, samplers
+from jaxguide.errors import ConfigError
+from jaxguide.score import eps_fn as bind_eps, log_prob_fn as bind_log_prob
+from jaxguide.sde import VPSDE
+
+DATA_INFO_FILE = "data_info.json"
+GUIDANCES = ("none", "classifier", "cfg", "both")
+
+
+def save_data_info(workdir: str, shape: Sequence[int], num_classes: int) -> None:
+  """What sampling needs to know of the data without loading it: example shape and class count."""
+  checkpoint.atomic_write_text(os.path.join(workdir, DATA_INFO_FILE),
+                               json.dumps({"shape": list(shape), "num_classes": int(num_classes)}))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: a key of the compile cache
+class Run:
+  """A trained workdir: its config, SDE, data shape and the EMA parameters of each model in it."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  sde: VPSDE
+  shape: tuple[int, ...]
+  num_classes: int
+  apply_fns: dict[str, Callable[..., jax.Array]]
+  params: dict[str, Any]
+
+  def require(self, name: str, why: str) -> None:
+    if name not in self.params:
+      raise ConfigError(f"{why} needs a trained {name} in --workdir={self.workdir}: train it with "
+                        f"python train.py --workdir {self.workdir} --config.models={name} (same --config)")
+
+
+def _restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | None:
+  """The EMA parameters of the latest complete checkpoint, checked against the config's model."""
+  directory = os.path.join(workdir, "checkpoints", name)
+  if not os.path.isdir(directory):
+    return None
+  ckpt = checkpoint.Checkpointer(directory)
+  try:
+    if ckpt.latest_step() is None:
+      return None
+    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"]
+    try:
+      tree = ckpt.restore()
+    except Exception as e:   # orbax raises many types for damaged files; all mean the same here
+      raise ConfigError(f"the {name} checkpoint in {directory} is unreadable ({type(e).__name__}): "
+                        "delete that step's folder to fall back to an earlier one, or retrain") from None
+  finally:
+    ckpt.close()
+  params = tree.get("ema_params") if isinstance(tree, dict) else None
+  shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
+  if params is None or shapes(params) != shapes(expected):
+    raise ConfigError(f"the {name} checkpoint in {directory} does not match the workdir's config.json "
+                      "(another architecture): use the workdir it was trained in")
+  return jax.tree.map(jnp.asarray, params)
+
+
+def load_run(workdir: str) -> Run:
+  """Restores every trained model of a workdir; raises ConfigError when there is nothing to load."""
+  config = checkpoint.load_config(workdir)
+  info_path = os.path.join(workdir, DATA_INFO_FILE)
+  if config is None or not os.path.exists(info_path):
+    raise ConfigError(f"--workdir={workdir} holds no trained run (no config.json / {DATA_INFO_FILE}): "
+                      f"train one first with python train.py --workdir {workdir}")
+  with open(info_path) as f:
+    info = json.load(f)
+  shape, k = tuple(info["shape"]), int(info["num_classes"])
+  sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+  x = jnp.zeros((1,) + shape, jnp.float32)
+  t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+  init_args = {"score": (x, t, y), "classifier": (x, t), "evaluator": (x,)}
+  apply_fns, params = {}, {}
+  for name in config_lib.MODEL_INDEX:
+    if name not in config or "model" not in config[name]:
+      continue
+    dtype = config_lib.DTYPES[config_lib.model_train_config(config, name).dtype]
+    model = config_lib.build_model(config[name].model, k, dtype)
+    restored = _restore_ema(workdir, name, model, init_args[name])
+    if restored is not None:
+      apply_fns[name], params[name] = model.apply, restored
+  if "score" not in params:
+    raise ConfigError(f"--workdir={workdir} has no score-network checkpoint: train it with "
+                      f"python train.py --workdir {workdir}")
+  return Run(workdir, config, sde, shape, k, apply_fns, params)
+
+
+def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
+                  clf_scale: jax.Array | float = 0.0, *, guide_conditional: bool = False,
+                  interval: Optional[Sequence[float]] = None, rescale: float = 0.0):
+  """The ε-function a sampler walks for one guidance kind; `scale` may be per sample.
+
+  none        the conditional network as trained, ε(x, t, y)
+  classifier  ε(x, t, ∅) − w σ ∇ log p_t(y|x): the unconditional model guided by the noisy
+              classifier (the reference tutorial); guide_conditional=True guides ε(x, t, y) instead
+  cfg         ε(∅) + s (ε(y) − ε(∅))
+  both        CFG at `scale`, then the classifier term at `clf_scale`
+  """
+  k = run.num_classes
+  eps = bind_eps(run.apply_fns["score"], params["score"])
+  if kind == "none":
+    return eps
+  if kind == "cfg":
+    return guidance.classifier_free(eps, scale, k, interval=interval, rescale=rescale)
+  logp = bind_log_prob(run.apply_fns["classifier"], params["classifier"])
+  if kind == "classifier":
+    base = eps if guide_conditional else guidance.unconditional(eps, k)
+    return guidance.classifier(base, logp, run.sde, scale, interval=interval)
+  return guidance.combine(eps, logp, run.sde, scale, clf_scale, k, interval=interval, rescale=rescale)
+
+
+def check_request(run: Run, kind: str, labels: np.ndarray) -> None:
+  if kind not in GUIDANCES:
+    raise ConfigError(f"--guidance={kind!r} is not known: use one of {', '.join(GUIDANCES)}")
+  if kind in ("classifier", "both"):
+    run.require("classifier", f"--guidance={kind}")
+  bad = labels[(labels < 0) | (labels >= run.num_classes)]
+  if bad.size:
+    raise ConfigError(f"--labels: {int(bad[0])} is outside [0, {run.num_classes}): "
+                      f"use class indices 0..{run.num_classes - 1}")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(run: Run, kind: str, sampler: str, steps: int, batch: int,
+              return_trajectory: bool, save_every: int, options: tuple):
+  """One jitted sampling function per (guidance kind, sampler, steps, batch): scales and labels
+  are traced arguments, so any scale list reuses it."""
+  opts = dict(options)
+  guide_opts = {k: opts.pop(k) for k in ("guide_conditional", "interval", "rescale") if k in opts}
+
+  def fn(params, key, y, scale, clf_scale):
+    g = guided_eps_fn(run, params, kind, scale, clf_scale, **guide_opts)
+    return samplers.sample(key, g, run.sde, (batch,) + run.shape, y, sampler=sampler, steps=steps,
+                           return_trajectory=return_trajectory, save_every=save_every, **opts)
+  return jax.jit(fn)
+
+
+def generate(run: Run, key: jax.Array, labels: np.ndarray, scales: np.ndarray, *, kind: str,
+             sampler: str = "ddim", steps: int = 100, clf_scale: float = 0.0, batch_size: int = 1000,
+             return_trajectory: bool = False, save_every: int = 50, **options):
+  """Guided samples for per-sample labels and scales, in chunks of at most `batch_size` that all
+  share one compilation. Returns x0 (N, ...) and, with return_trajectory, the stacked states."""
+  labels, scales = np.asarray(labels, np.int32), np.asarray(scales, np.float32)
+  check_request(run, kind, labels)
+  n = len(labels)
+  batch = min(batch_size, n)
+  fn = _compiled(run, kind, sampler, steps, batch, return_trajectory, save_every,
+                 tuple(sorted(options.items())))
+  outs, trajs = [], []
+  for i, start in enumerate(range(0, n, batch)):
+    y, s = labels[start:start + batch], scales[start:start + batch]
+    m = len(y)
+    if m < batch:   # pad the last chunk to the compiled size
+      y, s = np.pad(y, (0, batch - m), mode="edge"), np.pad(s, (0, batch - m), mode="edge")
+    out = fn(run.params, jax.random.fold_in(key, i), y, s, jnp.float32(clf_scale))
+    x0, traj = out if return_trajectory else (out, None)
+    outs.append(np.asarray(x0)[:m])
+    if traj is not None:
+      trajs.append(np.asarray(traj)[:, :m])
+  x0 = np.concatenate(outs)
+  return (x0, np.concatenate(trajs, axis=1)) if return_trajectory else x0
