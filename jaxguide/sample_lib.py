@@ -187,3 +187,20 @@ def write_report(out: str, summary: dict[str, Any]) -> None:
     lines.append(f"| {r['guidance']} | {r['scale']:g} | {r['accuracy']:.3f} | "
                  f"{r['worst_class']} ({r['worst_class_accuracy']:.2f}) |")
   checkpoint.atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+
+
+def final_grids(workdir: str) -> dict[str, Any]:
+  """train.py's last act: a CFG grid and, when a classifier was trained, a classifier-guidance
+  grid at the config's scales, judged by the evaluator when there is one."""
+  run = pipeline.load_run(workdir)
+  out = prepare_out(os.path.join(workdir, "samples"))
+  kinds = ["cfg"] + (["classifier"] if "classifier" in run.params else [])
+  judge = "evaluator" in run.params or run.config.data.source == "toy:gmm"
+  results = {}
+  for kind in kinds:
+    req = complete_request(Request(guidance=kind, evaluate=judge), run)
+    summary = sample_and_write(run, req, prepare_out(os.path.join(out, kind)))
+    results[kind] = {"files": summary["files"], "compile_s": summary["compile_s"],
+                     "sample_s": summary["sample_s"],
+                     **({"accuracy": summary["report"][0]["accuracy"]} if judge else {})}
+  return results
