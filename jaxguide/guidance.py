@@ -1,0 +1,199 @@
+"""Guidance as a transform of the ε-function: every sampler works with every guidance.
+
+Each function here takes an ε-function `(x, t, y) -> ε` (x (B, ...), t (B,), y int (B,)) and returns
+another one with the same signature, in the manner of score_sde's controllable_generation:
+
+  classifier guidance   ε̃ = ε − w σ(t) ∇ₓ log p_t(y | x)              (w = 1 is Bayes' rule)
+  classifier-free       ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅))   (s = 0 uncond., s = 1 cond.)
+
+Scales are traced: a Python number, a 0-d array or one value per sample (B,), broadcast over the
+data axes, so changing a scale never recompiles. The null label ∅ is the integer `num_classes`.
+
+Options shared by the guided transforms:
+  interval=(t_lo, t_hi)  guide only for t_lo <= t <= t_hi (Kynkäänniemi et al. 2024). Outside it the
+      result is the plain conditional ε(x, t, y) and the extra work (the null pass, the classifier
+      backward pass) is skipped with `lax.cond`. The test is per sample: the guided branch runs
+      when any sample is inside and `jnp.where` keeps it only for those; the samplers share one t
+      across the batch, so there the branch is all-or-nothing.
+  rescale=φ  CFG rescale (Lin et al. 2023): scale the guided prediction so that its per-sample std
+      matches the conditional prediction's, then blend `φ · rescaled + (1 − φ) · guided`. The paper
+      defines it on x̂₀/v; we apply it on ε, as diffusers does, so that it needs no SDE. φ = 0 is
+      plain CFG exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxguide.errors import ConfigError
+from jaxguide.score import EpsFn, LogProbFn, eps_to_x0, x0_to_eps
+from jaxguide.sde import VPSDE, broadcast_to_data
+
+Interval = Optional[Sequence[float]]   # (t_lo, t_hi) or None for every t
+
+
+def unconditional(eps_fn: EpsFn, null_label: int) -> EpsFn:
+  """(x, t, y) -> eps_fn(x, t, ∅), ignoring y.
+
+  Guiding this with a classifier is Song et al.'s conditional sampling from an unconditional
+  model; guiding the plain (conditional) eps_fn is Dhariwal & Nichol's best setting.
+  """
+  def fn(x, t, y):
+    return eps_fn(x, t, jnp.full_like(y, null_label))
+  return fn
+
+
+def classifier_grad(log_prob_fn: LogProbFn, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+  """∇ₓ log p_t(y | x) for every sample, shaped like x.
+
+  One backward pass for the batch: the gradient of the sum of each sample's selected
+  log-probability, which is per-sample because the classifier treats samples independently.
+  A sample labelled with the null label (any y >= K) gets a zero gradient, i.e. no guidance.
+  """
+  def total(x):
+    log_probs = log_prob_fn(x, t)                                           # (B, K)
+    num_classes = log_probs.shape[-1]
+    index = jnp.minimum(y, num_classes - 1).astype(jnp.int32)[:, None]
+    selected = jnp.take_along_axis(log_probs, index, axis=-1)[:, 0]
+    return jnp.sum(jnp.where(y < num_classes, selected, 0.0))
+  return jax.grad(total)(x)
+
+
+def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: ArrayLike, *,
+               interval: Interval = None) -> EpsFn:
+  """Classifier guidance: ε̃ = ε(x, t, y) − w σ(t) ∇ₓ log p_t(y | x), w = `scale`.
+
+  y holds real classes: the classifier has no null class, so samples labelled ∅ are left
+  unguided. Pass `unconditional(eps_fn, null)` to guide the unconditional model, or the
+  conditional eps_fn itself to sharpen it.
+  """
+  _check_interval(interval)
+
+  def fn(x, t, y):
+    eps = eps_fn(x, t, y)
+    guided = lambda: (_classifier_term(eps, log_prob_fn, sde, scale, x, t, y), eps)
+    return _within(interval, t, guided, lambda: eps)
+  return fn
+
+
+def classifier_free(eps_fn: EpsFn, scale: ArrayLike, null_label: int, *,
+                    interval: Interval = None, rescale: ArrayLike = 0.0) -> EpsFn:
+  """Classifier-free guidance: ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅)), s = `scale`.
+
+  The conditional and null passes are ONE `jax.vmap`ped call over a stacked label axis [y, ∅].
+  """
+  _check_interval(interval)
+
+  def fn(x, t, y):
+    guided = lambda: _cfg(eps_fn, scale, null_label, rescale, x, t, y)
+    return _within(interval, t, guided, lambda: eps_fn(x, t, y))
+  return fn
+
+
+def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: ArrayLike,
+            clf_scale: ArrayLike, null_label: int, *, interval: Interval = None,
+            rescale: ArrayLike = 0.0) -> EpsFn:
+  """CFG, then the classifier term: ε̃ = ε(∅) + s (ε(y) − ε(∅)) − w σ(t) ∇ₓ log p_t(y | x).
+
+  s = `cfg_scale` (rescale applies to the CFG part), w = `clf_scale`; labels are real classes.
+  """
+  _check_interval(interval)
+
+  def fn(x, t, y):
+    def guided():
+      eps, cond = _cfg(eps_fn, cfg_scale, null_label, rescale, x, t, y)
+      return _classifier_term(eps, log_prob_fn, sde, clf_scale, x, t, y), cond
+    # Outside the interval both terms are skipped: plain conditional ε, one network pass.
+    return _within(interval, t, guided, lambda: eps_fn(x, t, y))
+  return fn
+
+
+def clip_x0(eps_fn: EpsFn, sde: VPSDE, limit: float = 1.0) -> EpsFn:
+  """Clips x̂₀ to [−limit, limit] and re-derives ε, so that any sampler sees the clipped x̂₀."""
+  def fn(x, t, y):
+    x0 = jnp.clip(eps_to_x0(sde, x, eps_fn(x, t, y), t), -limit, limit)
+    return x0_to_eps(sde, x, x0, t)
+  return fn
+
+
+def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> EpsFn:
+  """Imagen's dynamic thresholding (Saharia et al. 2022), then re-derives ε.
+
+  s = the `quantile` of |x̂₀| per sample, s ← max(s, 1), x̂₀ ← clip(x̂₀, −s, s) / s. `quantile`
+  is a fraction: 0.995 for the paper's 99.5th percentile.
+  """
+  if isinstance(quantile, (int, float)) and not 0.0 < quantile <= 1.0:
+    raise ConfigError(f"dynamic_threshold={quantile} is a quantile in (0, 1]: use e.g. 0.995 "
+                      "(Imagen's 99.5th percentile)")
+
+  def fn(x, t, y):
+    x0 = eps_to_x0(sde, x, eps_fn(x, t, y), t)
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, quantile, axis=-1), 1.0)
+    s = broadcast_to_data(s, x0)
+    return x0_to_eps(sde, x, jnp.clip(x0, -s, s) / s, t)
+  return fn
+
+
+def _cfg(eps_fn: EpsFn, scale, null_label: int, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
+  """(guided ε, conditional ε) from one vmapped network call over the labels [y, ∅]."""
+  labels = jnp.stack([y, jnp.full_like(y, null_label)])
+  cond, uncond = jax.vmap(eps_fn, in_axes=(None, None, 0))(x, t, labels)
+  s = broadcast_to_data(jnp.asarray(scale, cond.dtype), cond)
+  # (1 − s) ε(∅) + s ε(y) is the lerp above written so that s = 0 and s = 1 are exact.
+  guided = (1.0 - s) * uncond + s * cond
+  if not (isinstance(rescale, (int, float)) and rescale == 0):
+    guided = _rescale(guided, cond, rescale)
+  return guided, cond
+
+
+def _rescale(guided: jax.Array, cond: jax.Array, phi) -> jax.Array:
+  """Lin et al. 2023 CFG rescale on ε: match the guided per-sample std to the conditional one."""
+  axes = tuple(range(1, guided.ndim))
+  std_cond = jnp.std(cond, axis=axes, keepdims=True)
+  std_guided = jnp.std(guided, axis=axes, keepdims=True)
+  # A constant guided prediction has no std to match; leave it unscaled rather than divide by 0.
+  ratio = jnp.where(std_guided > 0, std_cond / jnp.where(std_guided > 0, std_guided, 1.0), 1.0)
+  phi = broadcast_to_data(jnp.asarray(phi, guided.dtype), guided)
+  return guided * (phi * ratio + (1.0 - phi))
+
+
+def _classifier_term(eps, log_prob_fn, sde, scale, x, t, y) -> jax.Array:
+  """ε − w σ(t) ∇ₓ log p_t(y | x)."""
+  _, sigma = sde.marginal_coeffs(t)
+  grad = classifier_grad(log_prob_fn, x, t, y).astype(eps.dtype)
+  w = broadcast_to_data(jnp.asarray(scale, eps.dtype), eps)
+  return eps - w * broadcast_to_data(sigma, eps).astype(eps.dtype) * grad
+
+
+def _within(interval: Interval, t: jax.Array,
+            guided: Callable[[], tuple[jax.Array, jax.Array]],
+            plain: Callable[[], jax.Array]) -> jax.Array:
+  """`guided()[0]` where t is inside `interval`, the unguided ε elsewhere (see module docstring).
+
+  `guided()` returns (guided ε, unguided ε) because it computes both anyway; `plain()` computes
+  the unguided ε alone, for when no sample is inside.
+  """
+  if interval is None:
+    return guided()[0]
+  lo, hi = interval
+  inside = (t >= lo) & (t <= hi)                                            # (B,)
+
+  def on():
+    eps, unguided = guided()
+    return jnp.where(broadcast_to_data(inside, eps), eps, unguided)
+  # lax.cond skips the extra work when no sample is inside (the samplers share one t per step).
+  return lax.cond(jnp.any(inside), on, plain)
+
+
+def _check_interval(interval: Interval) -> None:
+  if interval is None:
+    return
+  if len(interval) != 2 or (all(isinstance(v, (int, float)) for v in interval)
+                            and not interval[0] <= interval[1]):
+    raise ConfigError(f"interval={tuple(interval)} must be a pair (t_lo, t_hi) with "
+                      "t_lo <= t_hi, e.g. interval=(0.2, 0.8)")

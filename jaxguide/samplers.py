@@ -1,0 +1,255 @@
+"""Samplers for the VP-SDE, each one short pure function whose loop is ONE `lax.scan`.
+
+Every sampler has the signature
+
+    sampler(key, eps_fn, sde, x, y, times, *, save_every=0, **options) -> (x0, traj)
+
+where x is the prior draw x_T (B, ...) of any rank, y the labels (B,) passed on to eps_fn, and
+`times` the decreasing grid `sde.time_grid(steps, t_eps)` from T to t_eps. Guidance, x̂₀ clipping
+and dynamic thresholding are ε-transforms (`jaxguide.guidance`), so every sampler gets them all.
+
+The last step denoises: no sampler adds noise on its final step, so x0 is the noise-free state
+at t_eps (the reverse-SDE mean for euler_maruyama and pc, the posterior mean for ddpm and ddim,
+the ODE solution for ode_heun and dpmpp_2m). At t_eps = 1e-3, σ(t_eps) ≈ 0.004 for the default
+schedule, so no extra network pass for x̂₀ is spent.
+
+`traj` (when save_every > 0) stacks the state every `save_every` steps: shape
+(steps // save_every + 1, B, ...), traj[0] = x_T and traj[k] the state after k·save_every steps,
+so traj[-1] is x0 when save_every divides steps. Otherwise traj is None.
+"""
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxguide import guidance
+from jaxguide.errors import ConfigError
+from jaxguide.parallel import batch_sharding, data_mesh
+from jaxguide.score import EpsFn, eps_to_score, eps_to_x0
+from jaxguide.sde import VPSDE, broadcast_to_data
+
+Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0] is x
+
+
+def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array,
+          save_every: int) -> tuple[jax.Array, Optional[jax.Array]]:
+  """Runs `step` over consecutive (t, t_next) pairs of `times` in one lax.scan.
+
+  The trajectory is a buffer in the carry written every `save_every` steps, not a per-step scan
+  output: that would hold all `steps` states (hundreds of MB for 1000 image steps).
+  """
+  n = times.shape[0] - 1
+  xs = (jnp.arange(n), times[:-1], times[1:], jax.random.split(key, n))
+
+  def body(state, inputs):
+    inner, traj = state
+    i, t, t_next, k = inputs
+    inner = step(inner, t, t_next, k, i == n - 1)
+    if traj is not None:
+      slot = (i + 1) // save_every
+      keep = jnp.where((i + 1) % save_every == 0, inner[0], traj[slot])
+      traj = lax.dynamic_update_index_in_dim(traj, keep, slot, 0)
+    return (inner, traj), None
+
+  traj = None
+  if save_every:
+    x = carry[0]
+    traj = jnp.zeros((n // save_every + 1,) + x.shape, x.dtype).at[0].set(x)
+  (carry, traj), _ = lax.scan(body, (carry, traj), xs)
+  return carry[0], traj
+
+
+def _batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
+  return jnp.full((x.shape[0],), t, x.dtype)
+
+
+def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+  """Euler–Maruyama on the reverse SDE dx = [f − g² score] dt + g dW̄ (the reference tutorial's)."""
+  def step(carry, t, t_next, key, last):
+    (x,) = carry
+    tb, h = _batch_t(t, x), t - t_next                    # h > 0: we integrate backwards in time
+    g = broadcast_to_data(sde.diffusion(tb), x)
+    mean = x + (g**2 * eps_to_score(sde, eps_fn(x, tb, y), tb) - sde.drift(x, tb)) * h
+    noise = jnp.where(last, 0.0, g * jnp.sqrt(h)) * jax.random.normal(key, x.shape, x.dtype)
+    return (mean + noise,)
+  return _scan(step, (x,), times, key, save_every)
+
+
+def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
+       corrector_steps: int = 1, save_every: int = 0):
+  """Predictor–corrector (score_sde): Langevin corrector at t, then a reverse-diffusion predictor.
+
+  The Langevin step size 2 α_i (snr ‖z‖ / ‖score‖)² uses norms averaged over the batch, as
+  score_sde does: per-sample norms blow the step up wherever a score vanishes (a mode's centre),
+  which low-dimensional data hits often.
+  """
+  def langevin(x, tb, alpha, key):
+    score = eps_to_score(sde, eps_fn(x, tb, y), tb)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    norm = lambda v: jnp.mean(jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1)))
+    size = 2 * alpha * (snr * norm(z) / norm(score)) ** 2
+    return x + size * score + jnp.sqrt(2 * size) * z
+
+  def step(carry, t, t_next, key, last):
+    (x,) = carry
+    tb, h = _batch_t(t, x), t - t_next
+    alpha = jnp.exp(2 * (sde.log_alpha(t) - sde.log_alpha(t_next)))  # 1 − β_i of the discrete chain
+    keys = jax.random.split(key, corrector_steps + 1)
+    for k in keys[:-1]:                                   # unrolled: corrector_steps is small
+      x = langevin(x, tb, alpha, k)
+    g = broadcast_to_data(sde.diffusion(tb), x)
+    mean = x + (g**2 * eps_to_score(sde, eps_fn(x, tb, y), tb) - sde.drift(x, tb)) * h
+    noise = jnp.where(last, 0.0, g * jnp.sqrt(h)) * jax.random.normal(keys[-1], x.shape, x.dtype)
+    return (mean + noise,)
+  return _scan(step, (x,), times, key, save_every)
+
+
+def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+  """Heun's 2nd-order method on the probability-flow ODE dx/dt = f − ½ g² score (EDM's sampler).
+
+  Deterministic: `key` is unused. t_eps > 0, so every step, the last included, is corrected.
+  """
+  def velocity(x, t):
+    tb = _batch_t(t, x)
+    g2 = broadcast_to_data(sde.beta(tb), x)
+    return sde.drift(x, tb) - 0.5 * g2 * eps_to_score(sde, eps_fn(x, tb, y), tb)
+
+  def step(carry, t, t_next, key, last):
+    (x,) = carry
+    dt = t_next - t
+    d1 = velocity(x, t)
+    d2 = velocity(x + dt * d1, t_next)
+    return (x + 0.5 * dt * (d1 + d2),)
+  return _scan(step, (x,), times, key, save_every)
+
+
+def _ancestral_coeffs(sde: VPSDE, t, t_next):
+  """(ᾱ_t, ᾱ_s, 1 − ᾱ_t, 1 − ᾱ_s, β_ts = 1 − ᾱ_t/ᾱ_s) of one step t → s on the discrete ᾱ grid,
+  from log α with expm1 so that small steps near t_eps keep their precision."""
+  la, la_next = sde.log_alpha(t), sde.log_alpha(t_next)
+  return (jnp.exp(2 * la), jnp.exp(2 * la_next), -jnp.expm1(2 * la), -jnp.expm1(2 * la_next),
+          -jnp.expm1(2 * (la - la_next)))
+
+
+def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+  """Ancestral sampling (Ho et al. 2020) on ᾱ at the grid times: x_s = (x_t − β_ts/√(1−ᾱ_t) ε)
+  / √(1 − β_ts) + σ_ts z with the posterior variance σ_ts² = β_ts (1 − ᾱ_s)/(1 − ᾱ_t)."""
+  def step(carry, t, t_next, key, last):
+    (x,) = carry
+    _, _, var_t, var_s, beta = _ancestral_coeffs(sde, t, t_next)
+    eps = eps_fn(x, _batch_t(t, x), y)
+    mean = (x - beta / jnp.sqrt(var_t) * eps) / jnp.sqrt(1 - beta)
+    std = jnp.where(last, 0.0, jnp.sqrt(beta * var_s / var_t))
+    return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
+  return _scan(step, (x,), times, key, save_every)
+
+
+def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, save_every: int = 0):
+  """DDIM (Song et al. 2021): x_s = √ᾱ_s x̂₀ + √(1 − ᾱ_s − σ²) ε + σ z, σ = η σ_ts(ddpm).
+
+  η = 0 is deterministic; η = 1 is ddpm (same noise, same result).
+  """
+  def step(carry, t, t_next, key, last):
+    (x,) = carry
+    _, abar_s, var_t, var_s, beta = _ancestral_coeffs(sde, t, t_next)
+    tb = _batch_t(t, x)
+    eps = eps_fn(x, tb, y)
+    x0 = eps_to_x0(sde, x, eps, tb)
+    var = eta**2 * beta * var_s / var_t
+    mean = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(var_s - var, 0.0)) * eps
+    std = jnp.where(last, 0.0, jnp.sqrt(var))
+    return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
+  return _scan(step, (x,), times, key, save_every)
+
+
+def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+  """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction, in λ = ½ log-SNR.
+
+  x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) D with h = λ_s − λ_t and D the 2nd-order extrapolation
+  of x̂₀ from this and the previous step. The first step is 1st order (no history), and so is
+  the last ("lower_order_final"): on the uniform t grid its h is the largest by far, and the
+  extrapolation there is unstable for few steps. Deterministic: `key` is unused.
+  """
+  def step(carry, t, t_next, key, last):
+    x, x0_prev, h_prev = carry
+    tb = _batch_t(t, x)
+    x0 = eps_to_x0(sde, x, eps_fn(x, tb, y), tb)
+    alpha_s, sigma_s = sde.marginal_coeffs(t_next)
+    _, sigma_t = sde.marginal_coeffs(t)
+    h = 0.5 * (sde.log_snr(t_next) - sde.log_snr(t))
+    first_order = (h_prev == 0) | last                  # h_prev = 0 marks the first step
+    c = jnp.where(first_order, 0.0, h / (2 * jnp.where(first_order, 1.0, h_prev)))
+    d = (1 + c) * x0 - c * x0_prev
+    x = sigma_s / sigma_t * x - alpha_s * jnp.expm1(-h) * d
+    return x, x0, h
+  carry = (x, jnp.zeros_like(x), jnp.zeros((), jnp.float32))   # log_snr is float32
+  return _scan(step, carry, times, key, save_every)
+
+
+SAMPLERS: dict[str, Callable] = {
+    "euler_maruyama": euler_maruyama,
+    "pc": pc,
+    "ode_heun": ode_heun,
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "dpmpp_2m": dpmpp_2m,
+}
+
+
+def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y: jax.Array,
+           sampler: str = "euler_maruyama", steps: int = 1000, *, t_eps: float = 1e-3,
+           return_trajectory: bool = False, save_every: int = 50, clip_x0: Optional[float] = None,
+           dynamic_threshold: Optional[float] = None, **sampler_kwargs):
+  """Draws x0 (shape) from x_T ~ N(0, I) with `sampler` over `steps` steps from T to t_eps.
+
+  Returns x0, or (x0, traj) with `return_trajectory` (traj: see the module docstring).
+  `clip_x0=c` clips x̂₀ to [−c, c]; `dynamic_threshold=p` is Imagen's with quantile p (0.995);
+  `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta).
+  jit it with the static arguments bound and scales traced inside eps_fn, e.g.
+  `jax.jit(functools.partial(sample, eps_fn=g, sde=sde, shape=s, sampler="ddim", steps=50))
+  (key, y=y)`. When the local devices divide the batch, x_T and y are sharded over them.
+  """
+  fn = _check(sampler, steps, shape, y, return_trajectory, save_every, sampler_kwargs)
+  if dynamic_threshold is not None:
+    eps_fn = guidance.dynamic_threshold(eps_fn, sde, dynamic_threshold)
+  if clip_x0 is not None:
+    eps_fn = guidance.clip_x0(eps_fn, sde, clip_x0)
+  key_prior, key_loop = jax.random.split(key)
+  x = sde.prior_sample(key_prior, shape)
+  y = jnp.asarray(y)
+  mesh = data_mesh(jax.local_devices())
+  if shape[0] % mesh.devices.size == 0:
+    # A constraint, not device_put: it works under jit too, and jit propagates it to the loop.
+    x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
+  times = sde.time_grid(steps, t_eps)
+  x0, traj = fn(key_loop, eps_fn, sde, x, y, times,
+                save_every=save_every if return_trajectory else 0, **sampler_kwargs)
+  return (x0, traj) if return_trajectory else x0
+
+
+def _check(sampler: str, steps: int, shape, y, return_trajectory: bool, save_every: int,
+           sampler_kwargs: dict) -> Callable:
+  """Validates `sample`'s arguments with one-line ConfigErrors; returns the sampler function."""
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"sampler={sampler!r} is not known: use one of {', '.join(SAMPLERS)}")
+  if not isinstance(steps, numbers.Integral) or steps < 1:
+    raise ConfigError(f"steps={steps!r}: the number of sampling steps must be an int >= 1 "
+                      "(e.g. steps=100)")
+  if return_trajectory and (not isinstance(save_every, numbers.Integral) or save_every < 1):
+    raise ConfigError(f"save_every={save_every!r} must be an int >= 1 (e.g. save_every=50)")
+  if jnp.shape(y) != tuple(shape[:1]):
+    raise ConfigError(f"y has shape {jnp.shape(y)} but shape={tuple(shape)}: "
+                      f"pass one label per sample, shape ({shape[0]},)")
+  fn = SAMPLERS[sampler]
+  known = [p.name for p in inspect.signature(fn).parameters.values()
+           if p.kind == p.KEYWORD_ONLY and p.name != "save_every"]
+  for name in sampler_kwargs:
+    if name not in known:
+      raise ConfigError(f"{name}= is not an option of sampler={sampler!r}: use "
+                        f"{', '.join(known) or 'no options'}")
+  return fn
