@@ -19,8 +19,8 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                     "schedule": "cosine", "log_every": 50, "ckpt_every": 500, "ema_decay": 0.995})
     c.score.model.update({"ch": 16, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "dropout": 0.0})
     c.classifier.model.update({"ch": 16, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "dropout": 0.0})
-    c.classifier.train.update({"steps": c.train.get_ref("steps")})
-    c.evaluator.train.update({"steps": c.train.get_ref("steps")})
+    c.classifier.train.steps = c.train.get_ref("steps")
+    c.evaluator.train.steps = c.train.get_ref("steps")
     c.sample.update({"sampler": "ddim", "steps": 50})
   elif arg == "full":
     c.train.update({"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 500,
