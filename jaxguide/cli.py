@@ -1,6 +1,7 @@
 """What train.py and sample.py share: absl flag parsing that turns bad input into one line and exit 2."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable, Sequence
@@ -50,8 +51,31 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   return []
 
 
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def use_cpu_cores() -> None:
+  """Splits the host CPU into one XLA device per core (a power of two, at most 8) unless
+  XLA_FLAGS already says otherwise.
+
+  XLA:CPU runs one program on a thread pool that leaves much of a 2-core machine idle during
+  convolutions; with one device per core and the batch split over them (the same `data` mesh a
+  multi-GPU host uses), a training step of the quick UNet ran 25 % faster and the classifier's
+  70 % faster (docs/benchmarks.md). It changes nothing on GPU/TPU hosts: the flag only makes
+  CPU devices, and jax uses the accelerator by default. Must run before jax starts its backend.
+  """
+  if CPU_DEVICES_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  n = 1
+  while n * 2 <= min(cores, 8):
+    n *= 2
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}={n}".strip()
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run with our parser; ConfigError from anywhere in main becomes one line and exit 2."""
+  use_cpu_cores()
   def guarded(argv):
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     try:
