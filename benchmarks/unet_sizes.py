@@ -1,0 +1,71 @@
+"""Sizing the CPU preset: one jitted training step (MSE ε-loss or cross-entropy + adam) at batch
+64 on 28x28x1 for UNets and noisy classifiers of several widths, on one XLA device.
+
+  python benchmarks/unet_sizes.py [unet16_r1 clf16 ...]
+
+Prints one JSON line per network: parameters, compile seconds, median / best step ms, images/s.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxguide import nets  # noqa: E402
+
+
+def bench(model, kind, batch=64, repeats=7):
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, 28, 28, 1))
+  t = jax.random.uniform(jax.random.PRNGKey(1), (batch,))
+  y = jnp.arange(batch) % 10
+  if kind == "eps":
+    params = model.init(jax.random.PRNGKey(2), x, t, y)["params"]
+    loss = lambda p: jnp.mean((model.apply({"params": p}, x, t, y) - x) ** 2)
+  else:
+    params = model.init(jax.random.PRNGKey(2), x, t)["params"]
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x, t), y).mean()
+  opt = optax.adam(1e-3)
+
+  def step(p, s):
+    value, grads = jax.value_and_grad(loss)(p)
+    updates, s = opt.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, value
+
+  start = time.perf_counter()
+  compiled = jax.jit(step).lower(params, opt.init(params)).compile()
+  compile_s = time.perf_counter() - start
+  p, s, _ = compiled(params, opt.init(params))
+  jax.block_until_ready(p)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    p, s, value = compiled(p, s)
+    jax.block_until_ready((p, value))
+    times.append(time.perf_counter() - start)
+  med, best = float(np.median(times)), float(min(times))
+  return {"params": nets.count_params(params), "compile_s": round(compile_s, 2),
+          "step_ms_median": round(med * 1e3), "step_ms_min": round(best * 1e3),
+          "img_s_median": round(batch / med), "img_s_best": round(batch / best)}
+
+
+CONFIGS = {
+    "unet16_r1": (lambda: nets.UNet(10, ch=16, num_res_blocks=1), "eps"),
+    "unet16_r2": (lambda: nets.UNet(10, ch=16, num_res_blocks=2), "eps"),
+    "unet24_r1": (lambda: nets.UNet(10, ch=24, num_res_blocks=1), "eps"),
+    "unet32_r1": (lambda: nets.UNet(10, ch=32, num_res_blocks=1), "eps"),
+    "unet32_r2": (lambda: nets.UNet(10, ch=32, num_res_blocks=2), "eps"),
+    "clf16": (lambda: nets.NoisyClassifier(10, ch=16), "clf"),
+    "clf32": (lambda: nets.NoisyClassifier(10, ch=32), "clf"),
+}
+
+if __name__ == "__main__":
+  names = [a for a in sys.argv[1:] if a in CONFIGS] or list(CONFIGS)
+  for name in names:
+    make, kind = CONFIGS[name]
+    print(name, json.dumps(bench(make(), kind)), flush=True)
