@@ -5,6 +5,7 @@
 import json
 import sys
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -15,6 +16,8 @@ config_flags.DEFINE_config_file("config", "configs/mnist.py:quick", "Config file
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, figures. Resumed if it exists.")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
 flags.DEFINE_bool("grids", True, "End with guided sample grids in WORKDIR/samples.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first (its "
+                  "coordinator, process count and id come from the cluster's environment).")
 FLAGS = flags.FLAGS
 
 
@@ -23,6 +26,8 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}: pass options as --name=value")
   if not FLAGS.workdir:
     cli.fail("--workdir is required: e.g. --workdir runs/mnist")
+  if FLAGS.distributed:
+    jax.distributed.initialize()
   report = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
   if FLAGS.grids and "score" in report:
     report["grids"] = sample_lib.final_grids(FLAGS.workdir)

@@ -96,11 +96,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+  """Every device of every process (num_devices = 0), or the first n local ones (one host)."""
   n, available = config.train.num_devices, jax.local_devices()
   if n > len(available):
     raise ConfigError(f"train.num_devices={n}: only {len(available)} local devices: use at most "
                       f"{len(available)}, or 0 for all")
-  return available[:n] if n else available
+  return available[:n] if n else jax.devices()
 
 
 def data_seed(config: ml_collections.ConfigDict, name: str) -> int:

@@ -129,7 +129,7 @@ def train_model(name: str, config: ml_collections.ConfigDict, workdir: str,
   t_last, n_last = t0, start
   try:
     for step in bar:
-      batch = parallel.shard_batch(next(batches), mesh)
+      batch = parallel.shard_batch(parallel.process_slice(next(batches)), mesh)
       state, metrics = step_fn(state, batch)
       if step == start:   # the first call compiles: time it apart from the throughput
         jax.block_until_ready(state.step)
