@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxguide import checkpoint, config_lib, guidance, samplers
+from jaxguide import checkpoint, config_lib, guidance, parallel, samplers
 from jaxguide.errors import ConfigError
 from jaxguide.score import eps_fn as bind_eps, log_prob_fn as bind_log_prob
 from jaxguide.sde import VPSDE
@@ -68,7 +68,7 @@ def _restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any |
   if params is None or shapes(params) != shapes(expected):
     raise ConfigError(f"the {name} checkpoint in {directory} does not match the workdir's config.json "
                       "(another architecture): use the workdir it was trained in")
-  return jax.tree.map(jnp.asarray, params)
+  return jax.tree.map(np.asarray, params)   # host arrays: placed by load_run, whatever the saving devices
 
 
 def load_run(workdir: str) -> Run:
@@ -97,6 +97,9 @@ def load_run(workdir: str) -> Run:
   if "score" not in params:
     raise ConfigError(f"--workdir={workdir} has no score-network checkpoint: train it with "
                       f"python train.py --workdir {workdir}")
+  # Replicated over this process's devices: the samplers split batches over the same mesh, and a
+  # checkpoint saved on another device count must not pin the parameters to its devices.
+  params = parallel.replicate(params, parallel.data_mesh(jax.local_devices()))
   return Run(workdir, config, sde, shape, k, apply_fns, params)
 
 

@@ -62,5 +62,5 @@ class CheckpointTest(chex.TestCase):
     loaded = checkpoint.load_config(workdir)
     self.assertEqual(loaded.score.model.ch, cfg.score.model.ch)
     self.assertEqual(list(loaded.score.model.ch_mult), list(cfg.score.model.ch_mult))
-    self.assertEqual(loaded.classifier.train.steps, cfg.train.steps // 2)
+    self.assertEqual(loaded.classifier.train.steps, cfg.classifier.train.steps)   # references resolved
     self.assertEqual(sorted(os.listdir(workdir)), ["config.json"])    # no temporary file left

@@ -28,7 +28,8 @@ def toy_workdir(tmp_path_factory):
 
 
 def run_sample(*args, timeout=180):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # Two devices while the workdir was trained on one: checkpoints must not pin their devices.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
                         text=True, env=env, timeout=timeout)
 
