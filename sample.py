@@ -40,10 +40,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}: pass options as --name=value")
-  if not FLAGS.workdir:
-    cli.fail("--workdir is required: the folder train.py wrote, e.g. --workdir runs/mnist")
+  cli.check_args(argv, FLAGS.workdir, "the folder train.py wrote")
   request = sample_lib.request_from_flags(FLAGS)
   run = pipeline.load_run(FLAGS.workdir)
   request = sample_lib.complete_request(request, run)

@@ -22,10 +22,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}: pass options as --name=value")
-  if not FLAGS.workdir:
-    cli.fail("--workdir is required: e.g. --workdir runs/mnist")
+  cli.check_args(argv, FLAGS.workdir, "the run folder (created, or resumed if it exists)")
   if FLAGS.distributed:
     jax.distributed.initialize()
   report = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)

@@ -19,6 +19,14 @@ def fail(message: str) -> None:
   sys.exit(USAGE_EXIT)
 
 
+def check_args(argv: Sequence[str], workdir: str | None, hint: str) -> None:
+  """Both scripts take flags only, and a --workdir."""
+  if len(argv) > 1:
+    fail(f"unexpected arguments {list(argv[1:])}: pass options as --name=value")
+  if not workdir:
+    fail(f"--workdir is required: {hint}, e.g. --workdir runs/mnist")
+
+
 def one_line(message: str) -> str:
   """The line that says what went wrong: a config file's own error is the last line of the
   traceback text that ml_collections embeds in its message."""
