@@ -29,7 +29,8 @@ class Checkpointer:
         cleanup_tmp_directories=True,        # removes what a killed save left behind
         enable_async_checkpointing=False)    # a returned save is on disk: simple, preemption-safe
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -45,9 +46,16 @@ class Checkpointer:
 
   def restore(self, target: Any = None, step: int | None = None) -> Any:
     """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs);
-    without a target, as saved (nested dicts of arrays on the default device)."""
+    without a target, the saved tree onto this process's first device: never onto the saving
+    run's devices, which a host with another device count does not have."""
     step = self.latest_step() if step is None else step
-    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if target is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      saved = self._manager.item_metadata(step)
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              getattr(saved, "tree", saved))
+    else:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self) -> None:
