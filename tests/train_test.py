@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxguide import checkpoint, train_lib
+from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,3 +84,15 @@ def test_eight_devices_equal_one(tmp_path):
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=300)
   assert out.returncode == 0 and "EQUAL" in out.stdout, out.stderr[-3000:]
+
+
+def test_foreign_workdir_refused_untouched(toy_config, tmp_path):
+  toy_config.models = "score"
+  toy_config.train.steps = 10
+  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  toy_config.score.model.hidden = 48          # another architecture in the same workdir
+  toy_config.train.steps = 20
+  with pytest.raises(ConfigError, match="score.model"):
+    train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
