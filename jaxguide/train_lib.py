@@ -106,12 +106,12 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train_model(name: str, config: ml_collections.ConfigDict, workdir: str,
+def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, workdir: str,
                 train_ds: data.Dataset, mesh: jax.sharding.Mesh,
                 writer: MetricsWriter, progress: bool = True) -> tuple[TrainState, dict[str, float]]:
   """Trains (or resumes) one model of `config.models` to its step count; returns state and speed."""
+  name = spec.name
   tc = config_lib.model_train_config(config, name)
-  spec = config_lib.model_spec(name, config, train_ds)
   tx = make_optimizer(tc)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), config_lib.MODEL_INDEX[name])
   state = parallel.replicate(create_train_state(key, spec.model, spec.init_args, tx, tc.ema_decay), mesh)
@@ -169,8 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricsWriter(workdir)
   report: dict[str, Any] = {}
   for name in config_lib.model_names(config):
-    state, speed = train_model(name, config, workdir, train_ds, mesh, writer, progress)
     spec = config_lib.model_spec(name, config, train_ds)
+    state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress)
     report[name] = {**speed, "steps": int(state.step),
                     "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
                     **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
