@@ -25,7 +25,14 @@ def main(argv):
   cli.check_args(argv, FLAGS.workdir, "the run folder (created, or resumed if it exists)")
   if FLAGS.distributed:
     jax.distributed.initialize()
-  report = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  try:
+    report = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  except train_lib.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
+  except train_lib.Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if FLAGS.grids and "score" in report:
     report["grids"] = sample_lib.final_grids(FLAGS.workdir)
   print(json.dumps(report, indent=2), file=sys.stdout)

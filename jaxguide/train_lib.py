@@ -7,7 +7,10 @@ vdm (EMA inside the state, per-step keys from `fold_in(rng, step)`). The batch i
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -106,10 +109,55 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+class Preempted(Exception):
+  """SIGTERM or SIGINT arrived; a checkpoint of the step reached was saved before stopping."""
+
+  def __init__(self, model: str, step: int):
+    super().__init__(f"stopped by a signal: {model} saved at step {step}: run the same command to resume")
+    self.model, self.step = model, step
+
+
+class Diverged(Exception):
+  """A non-finite loss or gradient: training stops, the last good checkpoint is kept."""
+
+  def __init__(self, model: str, step: int, last_good: int | None, directory: str):
+    where = f"step {last_good} in {directory}" if last_good is not None else "none yet"
+    super().__init__(f"{model} diverged (non-finite loss or gradient) by step {step}; last good "
+                     f"checkpoint: {where}: lower train.lr or raise train.warmup_steps, then resume")
+    self.model, self.step, self.last_good = model, step, last_good
+
+
+class StopSignal:
+  """Records SIGTERM/SIGINT instead of dying mid-step, so the loop can save and stop cleanly.
+  Handlers can only be installed from the main thread; elsewhere this records nothing."""
+
+  def __init__(self):
+    self.requested: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.requested = signum
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, workdir: str,
                 train_ds: data.Dataset, mesh: jax.sharding.Mesh,
-                writer: MetricsWriter, progress: bool = True) -> tuple[TrainState, dict[str, float]]:
-  """Trains (or resumes) one model of `config.models` to its step count; returns state and speed."""
+                writer: MetricsWriter, progress: bool = True,
+                stop: StopSignal | None = None) -> tuple[TrainState, dict[str, float]]:
+  """Trains (or resumes) one model of `config.models` to its step count; returns state and speed.
+
+  Raises Preempted after saving when `stop` records a signal, and Diverged, saving nothing, when
+  the loss or gradient norm is non-finite at a logging or checkpoint step."""
   name = spec.name
   tc = config_lib.model_train_config(config, name)
   tx = make_optimizer(tc)
@@ -135,14 +183,22 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
         jax.block_until_ready(state.step)
         speed["compile_s"] = time.perf_counter() - t0
         t_last, n_last = time.perf_counter(), step + 1
-      if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+      log_due = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+      stopping = stop is not None and stop.requested is not None
+      if log_due or stopping or (step + 1) % tc.ckpt_every == 0:
+        # Checked before any save: a diverged state is never written over a good checkpoint.
         host = _host_metrics(metrics)
+        if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+          raise Diverged(name, step + 1, ckpt.latest_step(), ckpt.directory)
+      if log_due:
         now = time.perf_counter()
         if step + 1 > n_last:
           speed["images_per_s"] = (step + 1 - n_last) * tc.batch_size / (now - t_last)
         writer.write({"model": name, "step": step + 1, **host, "images_per_s": speed["images_per_s"]})
         bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{speed['images_per_s']:.0f}")
-      ckpt.save(step + 1, state.checkpoint_tree())
+      ckpt.save(step + 1, state.checkpoint_tree(), force=stopping)
+      if stopping:
+        raise Preempted(name, step + 1)
     if ckpt.latest_step() != tc.steps:
       ckpt.save(tc.steps, state.checkpoint_tree(), force=True)
   finally:
@@ -170,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   report: dict[str, Any] = {}
   for name in config_lib.model_names(config):
     spec = config_lib.model_spec(name, config, train_ds)
-    state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress)
+    with StopSignal() as stop:
+      state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop)
     report[name] = {**speed, "steps": int(state.step),
                     "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
                     **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}

@@ -1,11 +1,14 @@
 """Training end to end on the toy mixture: loss falls, resume is exact, 8 devices equal 1."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -96,3 +99,34 @@ def test_foreign_workdir_refused_untouched(toy_config, tmp_path):
   with pytest.raises(ConfigError, match="score.model"):
     train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_nan_guard_keeps_last_good_checkpoint(toy_config, tmp_path):
+  toy_config.models = "score"
+  toy_config.train.update({"steps": 20, "ckpt_every": 10, "log_every": 10})
+  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)        # good: step 20
+  toy_config.train.update({"steps": 60, "lr": 1e30, "warmup_steps": 1})           # then diverge
+  with pytest.raises(train_lib.Diverged, match=r"score diverged .*last good checkpoint: step 20"):
+    train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  tree = final_tree(str(tmp_path))
+  assert int(tree["step"]) == 20
+  assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "train.py", "--config=configs/toy2d.py", f"--workdir={workdir}",
+         "--config.models=score", "--config.train.steps=1000000", "--config.train.log_every=5",
+         "--config.train.ckpt_every=1000000", "--progress=false", "--grids=false"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "resume" in err and "Traceback" not in err, err[-3000:]
+  step = checkpoint.Checkpointer(str(workdir / "checkpoints" / "score")).latest_step()
+  assert step is not None and step >= 5
