@@ -6,10 +6,11 @@ finished ones. No pickle anywhere: arrays go through orbax, the config through J
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -63,18 +64,26 @@ class Checkpointer:
     self._manager.close()
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes a text file through a temporary file and a rename, so readers never see half of it."""
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path`, renamed onto it when the block succeeds: a reader
+  never sees half a file, and a failure leaves the old file (or none) in place."""
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+  os.close(fd)
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    yield tmp
     os.replace(tmp, path)
-  except BaseException:
+  finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
-    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes a text file through a temporary file and a rename, so readers never see half of it."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

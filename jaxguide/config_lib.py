@@ -170,20 +170,23 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: A
   return ARCHS[model_cfg.arch](num_classes=num_classes, dtype=dtype, **kwargs)
 
 
+def example_inputs(name: str, shape: tuple[int, ...]) -> tuple:
+  """One example of what each role's network is called with: score (x, t, y), classifier (x, t),
+  evaluator (x,); for `init` and shape checks."""
+  x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+  t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+  return {"score": (x, t, y), "classifier": (x, t), "evaluator": (x,)}[name]
+
+
 def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> ModelSpec:
   tc = model_train_config(config, name)
   model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype])
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
-  x = jnp.zeros((1,) + tuple(train_ds.shape), jnp.float32)
-  t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
   if name == "score":
     loss = losses.make_eps_loss(model.apply, sde, num_classes=train_ds.num_classes,
                                 p_uncond=config.score.p_uncond, t_eps=tc.t_eps)
-    init_args = (x, t, y)
   elif name == "classifier":
     loss = losses.make_noisy_classifier_loss(model.apply, sde, t_eps=tc.t_eps)
-    init_args = (x, t)
   else:
     loss = losses.make_evaluator_loss(model.apply, max_shift=config.evaluator.get("max_shift", 2))
-    init_args = (x,)
-  return ModelSpec(name, model, init_args, loss, train_ds.num_classes)
+  return ModelSpec(name, model, example_inputs(name, train_ds.shape), loss, train_ds.num_classes)

@@ -10,7 +10,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -82,16 +81,13 @@ def load_run(workdir: str) -> Run:
     info = json.load(f)
   shape, k = tuple(info["shape"]), int(info["num_classes"])
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
-  x = jnp.zeros((1,) + shape, jnp.float32)
-  t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
-  init_args = {"score": (x, t, y), "classifier": (x, t), "evaluator": (x,)}
   apply_fns, params = {}, {}
   for name in config_lib.MODEL_INDEX:
     if name not in config or "model" not in config[name]:
       continue
     dtype = config_lib.DTYPES[config_lib.model_train_config(config, name).dtype]
     model = config_lib.build_model(config[name].model, k, dtype)
-    restored = _restore_ema(workdir, name, model, init_args[name])
+    restored = _restore_ema(workdir, name, model, config_lib.example_inputs(name, shape))
     if restored is not None:
       apply_fns[name], params[name] = model.apply, restored
   if "score" not in params:

@@ -2,28 +2,12 @@
 that imports matplotlib; every file is written through a temporary name and a rename."""
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`, renamed onto it when the block succeeds: a reader
-  never sees half a file, and a failure leaves the old file (or none) in place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+from jaxguide.checkpoint import atomic_path
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -111,7 +111,7 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
   """np.savez through a temporary file and a rename."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  with plotting.atomic_path(path) as tmp:
+  with checkpoint.atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(buffer.getvalue())
 
