@@ -1,10 +1,21 @@
-"""Guided samples from a trained workdir: every scale of --scale in one compiled call.
+"""Guided samples from a trained workdir: each guidance kind samples all its scales in one compiled call.
 
   python sample.py --workdir runs/mnist --guidance cfg --scale 1,3,5 --sampler ddim --steps 100 \
                    --num_per_class 8 --out runs/mnist/samples [--gif] [--evaluate]
 
-Writes samples.npz (image float32 in [-1, 1] (N, H, W, C), label, scale), one PNG grid per scale
-(classes as rows), with --gif the denoising trajectory, with --evaluate report.json and report.md.
+A sweep of several guidance kinds, each with its own scales, in one command:
+
+  python sample.py --workdir runs/mnist --guidance cfg,classifier \
+                   --scale cfg=0,1,3,5,7,9 --scale classifier=0,4,8,16,32,64 --evaluate
+
+--scale takes LIST (every kind in --guidance without a list of its own) or KIND=LIST, and repeats;
+without --guidance the kinds are those --scale names (else cfg); a kind without scales takes the
+config's sample.cfg_scale (classifier: sample.clf_scale).
+
+Writes samples.npz (image float32 in [-1, 1] (N, H, W, C), label, scale, guidance), one PNG grid per
+kind and scale (classes as rows), with --gif the denoising trajectory of each kind's first scale,
+and with --evaluate report.json, report.md (one row per kind × scale: accuracy, worst class,
+Fréchet distance beside its train-vs-test floor and noise ceiling, diversity) and sweep.png.
 """
 import json
 import os
@@ -17,9 +28,12 @@ from absl import flags
 from jaxguide import cli, pipeline, sample_lib
 
 flags.DEFINE_string("workdir", None, "A folder trained by train.py.")
-flags.DEFINE_enum("guidance", "cfg", list(pipeline.GUIDANCES), "none | classifier | cfg | both.")
-flags.DEFINE_string("scale", None, "Guidance scale, or a comma list (all in one compiled call). "
-                    "Default: the config's sample.cfg_scale / sample.clf_scale.")
+flags.DEFINE_string("guidance", None, f"{' | '.join(pipeline.GUIDANCES)}, or a comma list of them "
+                    "to sweep, e.g. cfg,classifier. Default: the kinds --scale names, else cfg.")
+flags.DEFINE_multi_string("scale", None, "LIST: scales for every --guidance kind without its own, "
+                          "e.g. 1,3,5; KIND=LIST: one kind's scales, e.g. classifier=0,4,8 (repeat "
+                          "--scale per kind). Each kind samples all its scales in one compiled call. "
+                          "Default: the config's sample.cfg_scale / sample.clf_scale.")
 flags.DEFINE_float("clf_scale", None, "With --guidance both: the classifier scale (--scale is CFG's).")
 flags.DEFINE_string("sampler", None, "euler_maruyama | pc | ode_heun | ddpm | ddim | dpmpp_2m.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
@@ -28,7 +42,7 @@ flags.DEFINE_string("labels", None, "Comma list of class indices (default: every
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
 flags.DEFINE_bool("gif", False, "Also write a GIF of the denoising trajectory.")
-flags.DEFINE_bool("evaluate", False, "Judge the samples with the workdir's evaluator: report.json/.md.")
+flags.DEFINE_bool("evaluate", False, "Judge the samples with the workdir's evaluator: report.json/.md, sweep.png.")
 flags.DEFINE_bool("guide_conditional", False, "Classifier guidance on ε(x,t,y) instead of ε(x,t,∅).")
 flags.DEFINE_float("eta", None, "ddim: stochasticity η (0 = deterministic).")
 flags.DEFINE_float("snr", None, "pc: Langevin corrector signal-to-noise ratio.")

@@ -80,3 +80,41 @@ def save_points(points: np.ndarray, labels: np.ndarray, path: str, *, title: str
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", bbox_inches="tight")
   plt.close(fig)
+
+
+def save_sweep(rows: Sequence[dict], path: str, *, floor: Optional[float] = None,
+               ceiling: Optional[float] = None, chance: Optional[float] = None,
+               title: str = "") -> None:
+  """A scale sweep in two panels, one line per guidance kind: accuracy, and Fréchet distance with
+  its floor and ceiling, against the scale. `rows` are dicts with guidance, scale, accuracy and
+  frechet_distance (None is left out). CFG's s spans ~0-10 and the classifier's w ~0-100, so the
+  scale axis is symlog (linear below 1, logarithmic above) and the distance axis logarithmic."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+  fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+  for kind in dict.fromkeys(r["guidance"] for r in rows):
+    mine = sorted((r for r in rows if r["guidance"] == kind), key=lambda r: r["scale"])
+    scales = [r["scale"] for r in mine]
+    ax_acc.plot(scales, [r["accuracy"] for r in mine], marker="o", label=kind)
+    fd = [np.nan if r["frechet_distance"] is None else r["frechet_distance"] for r in mine]
+    ax_fd.plot(scales, fd, marker="o", label=kind)
+  if chance is not None:
+    ax_acc.axhline(chance, ls=":", color="0.5", label="chance")
+  if floor is not None:
+    ax_fd.axhline(floor, ls="--", color="tab:green", label="floor: train vs test")
+  if ceiling is not None:
+    ax_fd.axhline(ceiling, ls="--", color="tab:red", label="ceiling: noise vs test")
+  ax_acc.set(ylim=(0.0, 1.02), ylabel="accuracy of requested label")
+  ax_fd.set(yscale="log", ylabel="Fréchet distance")
+  for ax in (ax_acc, ax_fd):
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("guidance scale (cfg: s, classifier: w; symlog)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+  plt.close(fig)

@@ -1,24 +1,35 @@
-"""What sample.py does, as library calls: validate a sampling request, sample every label × scale
-in one compiled call, write samples.npz, grids, the GIF and the report (each atomically)."""
+"""What sample.py does, as library calls: validate a sampling request, sample every guidance kind ×
+scale (one compiled call per kind), write samples.npz, grids, the GIF and the report (atomically).
+
+A request sweeps guidance kinds, each with its own scales (`parse_sweep`):
+  --guidance cfg --scale 1,3,5                                one kind, three scales
+  --guidance cfg,classifier --scale cfg=0,1,3 --scale classifier=0,4,8
+  --scale cfg=0,1,3 --scale classifier=0,4,8                  the kinds --scale names
+  --guidance cfg,none --scale 1,3                             a LIST without KIND= serves every kind
+                                                              that has no list of its own
+A kind without scales takes the config's sample.cfg_scale (classifier: sample.clf_scale).
+"""
 from __future__ import annotations
 
 import dataclasses
 import io
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from jaxguide import checkpoint, data, evaluate, pipeline, plotting, samplers
+from jaxguide import checkpoint, evaluate, pipeline, plotting, samplers
 from jaxguide.errors import ConfigError
+
+SCALE_FORMS = "--scale LIST or --scale KIND=LIST (repeatable), e.g. --scale cfg=1,3 --scale classifier=4,8"
 
 
 @dataclasses.dataclass
 class Request:
-  guidance: str = "cfg"
-  scales: Optional[list[float]] = None
+  guidance: tuple[str, ...] = ("cfg",)
+  scales: dict[str, list[float]] = dataclasses.field(default_factory=dict)   # kind -> its scales
   clf_scale: Optional[float] = None
   sampler: Optional[str] = None
   steps: Optional[int] = None
@@ -31,18 +42,79 @@ class Request:
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _numbers(text: Optional[str], field: str, kind=float, example: str = "1,3,5") -> Optional[list]:
+def _numbers(text: Optional[str], field: str, kind=float, example: str = "1,3,5",
+             shown: Optional[str] = None) -> Optional[list]:
+  """A comma list of numbers; `shown` is the flag value named in errors (default: text)."""
   if text is None:
     return None
+  shown = text if shown is None else shown
   try:
     values = [kind(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise ConfigError(f"--{field}={text!r}: use a comma list of numbers, e.g. --{field} {example}") from None
+    raise ConfigError(f"--{field}={shown!r}: use a comma list of numbers, e.g. --{field} {example}") from None
   if not values:
-    raise ConfigError(f"--{field} is empty: e.g. --{field} {example}")
+    raise ConfigError(f"--{field}={shown!r} is empty: e.g. --{field} {example}")
   if kind is float and not all(np.isfinite(values)):
-    raise ConfigError(f"--{field}={text!r}: scales must be finite numbers")
+    raise ConfigError(f"--{field}={shown!r}: scales must be finite numbers")
   return values
+
+
+def _scale_list(text: str, entry: str, kind: str) -> list[float]:
+  values = _numbers(text, "scale", example=f"{kind}=1,3,5" if kind else "1,3,5", shown=entry)
+  seen = set()
+  for v in values:
+    if f"{v:g}" in seen:   # grids, npz blocks and report rows are keyed by the printed scale
+      raise ConfigError(f"--scale={entry!r} lists {v:g} twice: give each scale once")
+    seen.add(f"{v:g}")
+  return values
+
+
+def _guidance_kinds(text: str) -> list[str]:
+  kinds = [k.strip() for k in text.split(",")]
+  for k in kinds:
+    if k not in pipeline.GUIDANCES:
+      raise ConfigError(f"--guidance={text!r}: {k!r} is not known: use one of "
+                        f"{', '.join(pipeline.GUIDANCES)}, or a comma list of them")
+  if len(set(kinds)) < len(kinds):
+    raise ConfigError(f"--guidance={text!r} names a kind twice: list each kind once")
+  return kinds
+
+
+def parse_sweep(guidance: Optional[str],
+                scale_entries: Optional[Sequence[str]]) -> tuple[tuple[str, ...], dict[str, list[float]]]:
+  """--guidance and the --scale entries -> (kinds, {kind: scales}); kinds missing from the dict
+  take the config's default scale. See the module docstring for the forms."""
+  named: dict[str, list[float]] = {}
+  shared = None
+  for entry in scale_entries or []:
+    kind, sep, text = entry.partition("=")
+    kind = kind.strip()
+    if not sep:
+      if shared is not None:
+        raise ConfigError(f"--scale is given twice without a kind: use {SCALE_FORMS}")
+      shared = _scale_list(entry, entry, "")
+    elif kind not in pipeline.GUIDANCES:
+      raise ConfigError(f"--scale={entry!r}: {kind!r} is not a guidance kind: use KIND=LIST with KIND "
+                        f"one of {', '.join(pipeline.GUIDANCES)}")
+    elif kind in named:
+      raise ConfigError(f"--scale names {kind} twice: give one list per kind, e.g. --scale {kind}=1,3,5")
+    else:
+      named[kind] = _scale_list(text, entry, kind)
+  if guidance is None:
+    if named and shared is not None:
+      raise ConfigError("--scale LIST without a kind, beside KIND=LIST ones, needs --guidance to say "
+                        "which kinds it serves: add --guidance, or write KIND=LIST")
+    kinds = list(named) or ["cfg"]
+  else:
+    kinds = _guidance_kinds(guidance)
+    for kind in named:
+      if kind not in kinds:
+        raise ConfigError(f"--scale names {kind} but --guidance={guidance}: add it "
+                          f"(--guidance={guidance},{kind}) or drop --scale {kind}=...")
+    if shared is not None and all(k in named for k in kinds):
+      raise ConfigError("--scale LIST without a kind serves no kind (each has its own KIND=LIST): drop it")
+  scales = {k: named.get(k, shared) for k in kinds if named.get(k, shared) is not None}
+  return tuple(kinds), scales
 
 
 def request_from_flags(flags_: Any) -> Request:
@@ -68,9 +140,9 @@ def request_from_flags(flags_: Any) -> Request:
     value = getattr(flags_, name)
     if value is not None and value < 1:
       raise ConfigError(f"--{name}={value}: must be a positive integer")
-  return Request(guidance=flags_.guidance, scales=_numbers(flags_.scale, "scale"),
-                 clf_scale=flags_.clf_scale, sampler=flags_.sampler, steps=flags_.steps,
-                 num_per_class=flags_.num_per_class, labels=_numbers(flags_.labels, "labels", int, "0,3,7"),
+  kinds, scales = parse_sweep(flags_.guidance, flags_.scale)
+  return Request(guidance=kinds, scales=scales, clf_scale=flags_.clf_scale, sampler=flags_.sampler,
+                 steps=flags_.steps, num_per_class=flags_.num_per_class, labels=_numbers(flags_.labels, "labels", int, "0,3,7"),
                  seed=flags_.seed, batch_size=flags_.batch_size, gif=flags_.gif,
                  evaluate=flags_.evaluate, options=options)
 
@@ -78,14 +150,15 @@ def request_from_flags(flags_: Any) -> Request:
 def complete_request(req: Request, run: pipeline.Run) -> Request:
   """Fills what the flags left open from the workdir's config.sample, and checks the rest."""
   cfg = run.config.sample
-  default_scale = cfg.clf_scale if req.guidance == "classifier" else cfg.cfg_scale
+  default = lambda kind: [float(cfg.clf_scale if kind == "classifier" else cfg.cfg_scale)]
   req = dataclasses.replace(
-      req, scales=req.scales or [float(default_scale)],
+      req, scales={k: req.scales.get(k) or default(k) for k in req.guidance},
       clf_scale=float(cfg.clf_scale) if req.clf_scale is None else req.clf_scale,
       sampler=req.sampler or cfg.sampler, steps=req.steps or int(cfg.steps),
       num_per_class=req.num_per_class or int(cfg.num_per_class),
       labels=req.labels if req.labels is not None else list(range(run.num_classes)))
-  pipeline.check_request(run, req.guidance, np.asarray(req.labels))
+  for kind in req.guidance:
+    pipeline.check_request(run, kind, np.asarray(req.labels))
   if req.evaluate and "evaluator" not in run.params and run.config.data.source != "toy:gmm":
     raise ConfigError(f"--evaluate needs a trained evaluator in --workdir={run.workdir}: train it with "
                       f"python train.py --workdir {run.workdir} --config.models=evaluator (same --config)")
@@ -116,77 +189,94 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
       f.write(buffer.getvalue())
 
 
-def _judge(run: pipeline.Run, images: np.ndarray) -> np.ndarray:
-  """Predicted classes of samples: the trained evaluator for images, the exact mixture posterior
-  (at t ≈ 0) for the toy data (complete_request has checked that one of them exists)."""
-  if "evaluator" in run.params:
-    return evaluate.classify(run.apply_fns["evaluator"], run.params["evaluator"], images)
-  mixture = data.toy_mixture()
-  t = np.full((len(images),), 1e-4, np.float32)
-  return np.asarray(np.argmax(mixture.log_prob_y(run.sde, images, t), -1))
-
-
-def _write_figures(run, req: Request, x0: np.ndarray, traj, out: str) -> list[str]:
-  n_lab, n_per = len(req.labels), req.num_per_class
+def _write_figures(run, req: Request, group: evaluate.Samples, out: str) -> list[str]:
+  """One grid (or 2-D scatter) per scale of one guidance kind, and the GIF of its first scale."""
+  n_lab, n_per, kind = len(req.labels), req.num_per_class, group.kind
   files = []
-  for i, scale in enumerate(req.scales):
-    block = x0[i * n_lab * n_per:(i + 1) * n_lab * n_per]
-    title = f"{req.guidance} scale {scale:g}, {req.sampler} {req.steps} steps"
+  for scale, block in group.blocks():
+    title = f"{kind} scale {scale:g}, {req.sampler} {req.steps} steps"
     if len(run.shape) == 3:
-      path = os.path.join(out, f"grid_{req.guidance}_s{scale:g}.png")
-      plotting.save_grid(block.reshape((n_lab, n_per) + run.shape), path,
+      path = os.path.join(out, f"grid_{kind}_s{scale:g}.png")
+      plotting.save_grid(group.images[block].reshape((n_lab, n_per) + run.shape), path,
                          row_labels=[str(l) for l in req.labels], title=title)
     else:
-      path = os.path.join(out, f"points_{req.guidance}_s{scale:g}.png")
-      plotting.save_points(block, np.repeat(req.labels, n_per), path, title=title)
+      path = os.path.join(out, f"points_{kind}_s{scale:g}.png")
+      plotting.save_points(group.images[block], group.labels[block], path, title=title)
     files.append(path)
-  if traj is not None and len(run.shape) == 3:
+  if group.trajectory is not None and len(run.shape) == 3:
+    traj = group.trajectory
     frames = traj[:, :n_lab * n_per].reshape((traj.shape[0], n_lab, n_per) + run.shape)
-    path = os.path.join(out, f"denoise_{req.guidance}_s{req.scales[0]:g}.gif")
+    path = os.path.join(out, f"denoise_{kind}_s{group.scale_list[0]:g}.gif")
     plotting.save_gif(frames, path)
     files.append(path)
   return files
 
 
-def accuracy_report(req: Request, labels: np.ndarray, scales: np.ndarray, pred: np.ndarray) -> list[dict]:
-  rows = []
-  for scale in req.scales:
-    sel = scales == np.float32(scale)
-    per_class = {int(c): float(np.mean(pred[sel & (labels == c)] == c)) for c in req.labels}
-    worst = min(per_class, key=per_class.get)
-    rows.append({"guidance": req.guidance, "scale": scale,
-                 "accuracy": float(np.mean(pred[sel] == labels[sel])),
-                 "worst_class": worst, "worst_class_accuracy": per_class[worst], "per_class": per_class})
-  return rows
-
-
-def sample_and_write(run: pipeline.Run, req: Request, out: str) -> dict[str, Any]:
-  labels = np.tile(np.repeat(np.asarray(req.labels, np.int32), req.num_per_class), len(req.scales))
-  scales = np.repeat(np.asarray(req.scales, np.float32), len(req.labels) * req.num_per_class)
-  timings: dict[str, float] = {}
-  result = pipeline.generate(run, jax.random.PRNGKey(req.seed), labels, scales, kind=req.guidance,
-                             sampler=req.sampler, steps=req.steps, clf_scale=req.clf_scale,
-                             batch_size=req.batch_size, return_trajectory=req.gif,
-                             save_every=max(req.steps // 20, 1), timings=timings, **req.options)
-  x0, traj = result if req.gif else (result, None)
-  save_npz(os.path.join(out, "samples.npz"), image=x0.astype(np.float32), label=labels, scale=scales)
-  files = [os.path.join(out, "samples.npz")] + _write_figures(run, req, x0, traj, out)
-  summary: dict[str, Any] = {"samples": int(len(x0)), **timings, "files": files,
-                             "request": dataclasses.asdict(req)}
+def sample_and_write(run: pipeline.Run, req: Request, out: str,
+                     judge: Optional[evaluate.Judge] = None) -> dict[str, Any]:
+  """Samples the request, writes samples.npz and the figures, and with req.evaluate the report
+  (judged by `judge`, default the workdir's). Returns the summary that report.json holds."""
+  groups = evaluate.draw(run, jax.random.PRNGKey(req.seed), req.scales, req.labels, req.num_per_class,
+                         sampler=req.sampler, steps=req.steps, clf_scale=req.clf_scale,
+                         batch_size=req.batch_size, return_trajectory=req.gif,
+                         save_every=max(req.steps // 20, 1), **req.options)
+  npz = os.path.join(out, "samples.npz")
+  save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
+           label=np.concatenate([g.labels for g in groups]),
+           scale=np.concatenate([g.scales for g in groups]),
+           guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]))
+  files = [npz] + [f for g in groups for f in _write_figures(run, req, g, out)]
+  summary: dict[str, Any] = {
+      "samples": int(sum(len(g.labels) for g in groups)),
+      "compile_s": sum(g.compile_s for g in groups), "sample_s": sum(g.sample_s for g in groups),
+      "timings": {g.kind: {"compile_s": g.compile_s, "sample_s": g.sample_s} for g in groups},
+      "files": files, "request": dataclasses.asdict(req)}
   if req.evaluate:
-    pred = _judge(run, x0)
-    summary["report"] = accuracy_report(req, labels, scales, pred)
-    write_report(out, summary)
+    rows, reference = evaluate.score(judge or evaluate.run_judge(run), groups, seed=req.seed)
+    summary.update(report=rows, reference=reference)
+    write_report(out, summary, run)
   return summary
 
 
-def write_report(out: str, summary: dict[str, Any]) -> None:
-  checkpoint.atomic_write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=2))
-  lines = ["| guidance | scale | accuracy | worst class (accuracy) |", "|---|---|---|---|"]
+def _fmt(value: Optional[float], spec: str) -> str:
+  return "—" if value is None else format(value, spec)
+
+
+def report_markdown(summary: dict[str, Any], run: pipeline.Run) -> str:
+  """report.md: what was sampled, the Fréchet distance's floor and ceiling, then one row per
+  guidance × scale."""
+  req, ref = summary["request"], summary["reference"]
+  judge = ("the workdir's evaluator (LeNet penultimate features)" if "evaluator" in run.params
+           else "the exact mixture posterior, the 2-D points as features")
+  lines = [
+      f"# Guided samples from {run.workdir}", "",
+      f"{req['sampler']}, {req['steps']} steps, seed {req['seed']}; each row: {ref['n_samples']} samples "
+      f"({req['num_per_class']} per class, classes {', '.join(map(str, req['labels']))}), judged by {judge}.", "",
+      f"Fréchet distance to {ref['n_test']} held-out examples of those classes, read against sets of "
+      f"the same size: floor {ref['floor']:.4g} (real train examples), ceiling {ref['ceiling']:.4g} "
+      "(the sampler's N(0, I) starting noise).",
+      "Diversity: mean pairwise feature distance within a class ÷ the same for held-out examples "
+      "(1 = as diverse as real data), averaged over classes.", "",
+      "| guidance | scale | accuracy | worst class (accuracy) | Fréchet distance | diversity |",
+      "|---|---|---|---|---|---|"]
   for r in summary["report"]:
-    lines.append(f"| {r['guidance']} | {r['scale']:g} | {r['accuracy']:.3f} | "
-                 f"{r['worst_class']} ({r['worst_class_accuracy']:.2f}) |")
-  checkpoint.atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    lines.append(f"| {r['guidance']} | {r['scale']:g} | {r['accuracy']:.3f} | {r['worst_class']} "
+                 f"({r['worst_class_accuracy']:.2f}) | {_fmt(r['frechet_distance'], '.4g')} | "
+                 f"{_fmt(r['diversity'], '.3f')} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(out: str, summary: dict[str, Any], run: pipeline.Run) -> None:
+  """report.json (the summary), report.md and sweep.png (accuracy and Fréchet distance vs scale)."""
+  names = ("report.json", "report.md", "sweep.png")
+  summary["files"] += [os.path.join(out, n) for n in names]
+  ref = summary["reference"]
+  plotting.save_sweep(summary["report"], os.path.join(out, "sweep.png"), floor=ref["floor"],
+                      ceiling=ref["ceiling"], chance=1.0 / run.num_classes,
+                      title=f"{summary['request']['sampler']}, {summary['request']['steps']} steps, "
+                            f"{ref['n_samples']} samples per point")
+  checkpoint.atomic_write_text(os.path.join(out, "report.md"), report_markdown(summary, run))
+  checkpoint.atomic_write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=2))
 
 
 def final_grids(workdir: str) -> dict[str, Any]:
@@ -195,12 +285,13 @@ def final_grids(workdir: str) -> dict[str, Any]:
   run = pipeline.load_run(workdir)
   out = prepare_out(os.path.join(workdir, "samples"))
   kinds = ["cfg"] + (["classifier"] if "classifier" in run.params else [])
-  judge = "evaluator" in run.params or run.config.data.source == "toy:gmm"
+  can_judge = "evaluator" in run.params or run.config.data.source == "toy:gmm"
+  judge = evaluate.run_judge(run) if can_judge else None   # one judge: its features compile once
   results = {}
   for kind in kinds:
-    req = complete_request(Request(guidance=kind, evaluate=judge), run)
-    summary = sample_and_write(run, req, prepare_out(os.path.join(out, kind)))
+    req = complete_request(Request(guidance=(kind,), evaluate=can_judge), run)
+    summary = sample_and_write(run, req, prepare_out(os.path.join(out, kind)), judge)
     results[kind] = {"files": summary["files"], "compile_s": summary["compile_s"],
                      "sample_s": summary["sample_s"],
-                     **({"accuracy": summary["report"][0]["accuracy"]} if judge else {})}
+                     **({"accuracy": summary["report"][0]["accuracy"]} if can_judge else {})}
   return results

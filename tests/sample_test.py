@@ -1,15 +1,19 @@
-"""sample.py and the pipeline on a tiny trained toy workdir: outputs, one compile, bad input."""
+"""sample.py and the pipeline on a tiny trained toy workdir: outputs, reports, one compile per
+guidance kind, sweeps equal to separate runs, bad input."""
+import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from cli_test import tree_hash
-from jaxguide import pipeline, train_lib
+from jaxguide import evaluate, pipeline, sample_lib, train_lib
+from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,17 +39,37 @@ def run_sample(*args, timeout=180):
 
 
 def test_sample_writes_outputs(toy_workdir, tmp_path):
+  # Two kinds in one command: cfg takes the LIST without a kind, classifier its own.
   out = tmp_path / "s"
-  res = run_sample(f"--workdir={toy_workdir}", "--guidance=cfg", "--scale=0,1,3", "--steps=10",
-                   "--num_per_class=5", f"--out={out}", "--evaluate")
+  res = run_sample(f"--workdir={toy_workdir}", "--guidance=cfg,classifier", "--scale=0,1,3",
+                   "--scale=classifier=0,4", "--steps=10", "--num_per_class=5", f"--out={out}",
+                   "--evaluate")
   assert res.returncode == 0, res.stderr[-3000:]
   with np.load(out / "samples.npz") as f:
-    assert f["image"].shape == (3 * 4 * 5, 2) and f["image"].dtype == np.float32
-    np.testing.assert_array_equal(f["scale"], np.repeat([0, 1, 3], 20).astype(np.float32))
-    np.testing.assert_array_equal(f["label"], np.tile(np.repeat(np.arange(4), 5), 3))
+    assert f["image"].shape == (5 * 4 * 5, 2) and f["image"].dtype == np.float32
+    np.testing.assert_array_equal(f["scale"], np.repeat([0, 1, 3, 0, 4], 20).astype(np.float32))
+    np.testing.assert_array_equal(f["label"], np.tile(np.repeat(np.arange(4), 5), 5))
+    np.testing.assert_array_equal(f["guidance"], ["cfg"] * 60 + ["classifier"] * 40)
+    image = f["image"]
   names = sorted(os.listdir(out))
-  assert names == ["points_cfg_s0.png", "points_cfg_s1.png", "points_cfg_s3.png", "report.json",
-                   "report.md", "samples.npz"], names
+  assert names == ["points_cfg_s0.png", "points_cfg_s1.png", "points_cfg_s3.png",
+                   "points_classifier_s0.png", "points_classifier_s4.png", "report.json",
+                   "report.md", "samples.npz", "sweep.png"], names
+  with open(out / "report.json") as f:
+    report = json.load(f)
+  rows = report["report"]
+  assert [(r["guidance"], r["scale"]) for r in rows] == [
+      ("cfg", 0), ("cfg", 1), ("cfg", 3), ("classifier", 0), ("classifier", 4)]
+  assert report["reference"]["floor"] < report["reference"]["ceiling"]
+  for r in rows:
+    assert 0 <= r["worst_class_accuracy"] <= r["accuracy"] <= 1 and r["frechet_distance"] >= 0
+  # cfg s=0 and classifier w=0 both walk ε(x, t, ∅) from the same key: the same samples and figures.
+  np.testing.assert_allclose(image[:20], image[60:80], rtol=1e-5, atol=1e-6)
+  assert rows[0]["accuracy"] == rows[3]["accuracy"]
+  md = (out / "report.md").read_text()
+  assert "floor" in md.split("| guidance |")[0] and "ceiling" in md.split("| guidance |")[0]
+  table = [l for l in md.splitlines() if l.startswith("|")]
+  assert len(table) == 2 + len(rows), md
 
 
 def test_scale_list_compiles_once(toy_workdir):
@@ -58,6 +82,99 @@ def test_scale_list_compiles_once(toy_workdir):
                         sampler="ddim", timings=second)
   assert first["compile_s"] > 0 and second["compile_s"] == 0.0
   assert a.shape == b.shape == (8, 2) and not np.allclose(a, b)
+
+
+def test_sweep_equals_separate_runs(toy_workdir):
+  """Each block of a per-sample-scale sweep is what a run at that scale alone (same key, same
+  batch layout) draws; each kind compiles once, and the separate runs reuse its executable."""
+  run = pipeline.load_run(toy_workdir)
+  key, kw = jax.random.PRNGKey(3), {"sampler": "ddim", "steps": 4}
+  groups = evaluate.draw(run, key, {"cfg": [0.0, 2.0, 5.0], "classifier": [1.0, 6.0]},
+                         [0, 1, 2, 3], 3, **kw)
+  assert [g.kind for g in groups] == ["cfg", "classifier"]
+  assert all(g.compile_s > 0 for g in groups)
+  for g in groups:
+    blocks = g.blocks()
+    for scale, block in blocks:
+      timings = {}
+      alone = pipeline.generate(run, key, g.labels, np.full(len(g.labels), scale), kind=g.kind,
+                                timings=timings, **kw)
+      assert timings["compile_s"] == 0.0
+      np.testing.assert_allclose(g.images[block], alone[block], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(g.images[blocks[0][1]], g.images[blocks[-1][1]])   # scales matter
+
+
+def test_sweep_report_rows(toy_workdir):
+  run = pipeline.load_run(toy_workdir)
+  judge = evaluate.run_judge(run)
+  groups = evaluate.draw(run, jax.random.PRNGKey(0), {"cfg": [1.0, 3.0]}, [1, 2], 4, sampler="ddim",
+                         steps=4)
+  rows, reference = evaluate.score(judge, groups)
+  assert [(r["guidance"], r["scale"], sorted(r["per_class"])) for r in rows] == [
+      ("cfg", 1.0, [1, 2]), ("cfg", 3.0, [1, 2])]
+  assert reference["n_samples"] == 8 and reference["n_test"] == int(np.isin(judge.test.label, [1, 2]).sum())
+  block = groups[0].blocks()[1][1]
+  direct = evaluate.sample_metrics(judge, groups[0].images[block], groups[0].labels[block])
+  assert rows[1] == {"guidance": "cfg", "scale": 3.0, **direct}
+
+
+def flags_ns(**kw):
+  base = {"guidance": None, "scale": None, "clf_scale": None, "sampler": None, "steps": None,
+          "num_per_class": None, "labels": None, "seed": 0, "batch_size": 1000, "gif": False,
+          "evaluate": False, "eta": None, "snr": None, "clip_x0": None, "guide_conditional": False,
+          "rescale": 0.0, "interval": None}
+  return types.SimpleNamespace(**{**base, **kw})
+
+
+SWEEP_FORMS = [
+    (None, None, ("cfg",), {}),
+    ("cfg", ["1,3,5"], ("cfg",), {"cfg": [1, 3, 5]}),
+    ("classifier", None, ("classifier",), {}),
+    (None, ["2.5"], ("cfg",), {"cfg": [2.5]}),
+    ("cfg,classifier", ["cfg=0,1,3", "classifier=0,4,8"], ("cfg", "classifier"),
+     {"cfg": [0, 1, 3], "classifier": [0, 4, 8]}),
+    (None, ["classifier=4,8", "cfg=1"], ("classifier", "cfg"), {"classifier": [4, 8], "cfg": [1]}),
+    ("cfg,none,classifier", ["1,3", "classifier=8"], ("cfg", "none", "classifier"),
+     {"cfg": [1, 3], "none": [1, 3], "classifier": [8]}),
+    ("cfg,classifier", ["classifier=8"], ("cfg", "classifier"), {"classifier": [8]}),
+]
+
+
+@pytest.mark.parametrize("guidance,scale,kinds,scales", SWEEP_FORMS)
+def test_sweep_flag_forms(guidance, scale, kinds, scales):
+  req = sample_lib.request_from_flags(flags_ns(guidance=guidance, scale=scale))
+  assert (req.guidance, req.scales) == (kinds, scales)
+
+
+def test_unlisted_kinds_take_config_scales(toy_workdir):
+  run = pipeline.load_run(toy_workdir)
+  req = sample_lib.request_from_flags(flags_ns(guidance="cfg,classifier,none", scale=["classifier=5"]))
+  req = sample_lib.complete_request(req, run)
+  assert req.scales == {"cfg": [run.config.sample.cfg_scale], "classifier": [5.0],
+                        "none": [run.config.sample.cfg_scale]}
+
+
+BAD_SWEEP = [
+    ("cfg,magic", None, "'magic' is not known"),
+    ("cfg,cfg", None, "twice"),
+    (None, ["1", "3"], "twice without a kind"),
+    (None, ["magic=1"], "not a guidance kind"),
+    (None, ["cfg=1", "cfg=3"], "names cfg twice"),
+    ("cfg", ["classifier=4"], "--guidance=cfg,classifier"),
+    (None, ["1,3", "classifier=4"], "needs --guidance"),
+    ("cfg", ["1", "cfg=3"], "serves no kind"),
+    (None, ["cfg=1,1"], "lists 1 twice"),
+    (None, ["cfg="], "is empty"),
+    (None, ["cfg=1,x"], "comma list of numbers"),
+    (None, ["cfg=1,inf"], "finite"),
+]
+
+
+@pytest.mark.parametrize("guidance,scale,needle", BAD_SWEEP)
+def test_bad_sweep_forms(guidance, scale, needle):
+  with pytest.raises(ConfigError) as e:
+    sample_lib.request_from_flags(flags_ns(guidance=guidance, scale=scale))
+  assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def _no_classifier(workdir, tmp_path):
@@ -85,6 +202,10 @@ BAD_SAMPLE = [
     ("missing score checkpoint", _incomplete, [], "score"),
     ("eta without ddim", None, ["--sampler=pc", "--eta=0.5"], "eta"),
     ("bad interval", None, ["--interval=0.9,0.1"], "interval"),
+    ("scale of an unknown kind", None, ["--scale=magic=1,2"], "--scale"),
+    ("scale of an unguided kind", None, ["--guidance=cfg", "--scale=classifier=4"], "--guidance"),
+    ("scale listed twice", None, ["--scale=cfg=1,1"], "--scale"),
+    ("two lists without a kind", None, ["--scale=1", "--scale=3"], "--scale"),
 ]
 
 
