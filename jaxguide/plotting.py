@@ -118,3 +118,144 @@ def save_sweep(rows: Sequence[dict], path: str, *, floor: Optional[float] = None
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", bbox_inches="tight")
   plt.close(fig)
+
+
+# ------------------------------------------------------------- diagnostics (diagnose.py's figures)
+
+_PER_ROW = 8   # panels per row in the across-t figures: 16 times read as two rows of eight
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save_figure(fig, path: str) -> None:
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+  _pyplot().close(fig)
+
+
+def _show_image(ax, image: np.ndarray) -> None:
+  """One (H, W, C) image in [-1, 1], clipped (noised images leave that range), no ticks."""
+  img = np.clip((np.asarray(image, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+  ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def _pairs_of_rows(n: int, row_height: float, ratio: float):
+  """A figure of n panel pairs (an image above a second plot), _PER_ROW pairs to a row.
+  Returns (fig, [(top axis, bottom axis)] for the n pairs); unused slots are hidden."""
+  cols = min(n, _PER_ROW)
+  blocks = -(-n // cols)
+  fig, axes = _pyplot().subplots(2 * blocks, cols, figsize=(1.35 * cols, row_height * blocks),
+                                 squeeze=False, layout="constrained",
+                                 gridspec_kw={"height_ratios": [1, ratio] * blocks})
+  pairs = [(axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols])
+           for i in range(blocks * cols)]
+  for top, bottom in pairs[n:]:
+    top.axis("off")
+    bottom.axis("off")
+  return fig, pairs[:n]
+
+
+def _time_label(t: float) -> str:
+  return f"t = {t:.3f}" if t < 0.1 else f"t = {t:.2f}"   # t_eps = 0.001 must not read as 0
+
+
+def save_confidence_vs_t(noised: np.ndarray, probs: np.ndarray, times: np.ndarray, label: int,
+                         path: str, *, class_names: Optional[Sequence[str]] = None,
+                         title: str = "") -> None:
+  """Noised images (T, H, W, C), each above a bar chart of p_t(y | x_t) (T, K); true class in red."""
+  k = probs.shape[-1]
+  names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+  colours = ["tab:red" if c == label else "0.6" for c in range(k)]
+  fig, pairs = _pairs_of_rows(len(times), 2.7, 0.8)
+  for i, (top, bottom) in enumerate(pairs):
+    _show_image(top, noised[i])
+    top.set_title(_time_label(times[i]), fontsize=8)
+    bottom.bar(range(k), probs[i], color=colours)
+    bottom.set_ylim(0, 1)
+    bottom.set_xticks(range(k))
+    bottom.set_xticklabels(names, fontsize=6)
+    bottom.tick_params(axis="y", labelsize=6)
+    if i % _PER_ROW:
+      bottom.set_yticklabels([])
+  fig.suptitle(title or rf"noisy classifier $p_t(y\,|\,x_t)$; true class {names[label]} in red",
+               fontsize=10)
+  _save_figure(fig, path)
+
+
+def save_gradients(noised: np.ndarray, grads: np.ndarray, times: np.ndarray, label: int, path: str,
+                   *, title: str = "") -> None:
+  """Noised images (T, H, W, C) above ∇ₓ log p_t(label | x_t) (T, H, W, C), channels summed.
+
+  Each gradient panel has its own symmetric colour range (its max |value|, printed under it):
+  the magnitude grows by orders of magnitude as t → 0, so one shared range would blank most panels.
+  """
+  fig, pairs = _pairs_of_rows(len(times), 2.9, 1.0)
+  for i, (top, bottom) in enumerate(pairs):
+    _show_image(top, noised[i])
+    top.set_title(_time_label(times[i]), fontsize=8)
+    g = np.asarray(grads[i], np.float32).sum(axis=-1)
+    m = float(np.max(np.abs(g))) or 1.0
+    bottom.imshow(g, cmap="RdBu_r", vmin=-m, vmax=m)
+    bottom.set_xticks([])
+    bottom.set_yticks([])
+    bottom.set_xlabel(f"max {m:.2g}", fontsize=7)
+  fig.suptitle(title or rf"$\nabla_x \log p_t(y={label}\,|\,x_t)$ (red +, blue −)", fontsize=10)
+  _save_figure(fig, path)
+
+
+def _class_colours(k: int) -> np.ndarray:
+  return np.asarray(_pyplot().get_cmap("tab10")(np.arange(k) % 10))[:, :3]
+
+
+def save_posterior_maps(axis: np.ndarray, learned: np.ndarray, exact: np.ndarray, times: np.ndarray,
+                        path: str, *, col_titles: Optional[Sequence[str]] = None,
+                        marks: Optional[np.ndarray] = None, title: str = "") -> None:
+  """2-D class posteriors (T, R, R, K) as class colours mixed by probability: the classifier's
+  row above the exact row, one column per time. `marks` (T, 2) puts a star at one point per time."""
+  colours = _class_colours(learned.shape[-1])
+  extent = (axis[0], axis[-1], axis[0], axis[-1])
+  plt = _pyplot()
+  fig, axes = plt.subplots(2, len(times), figsize=(2.6 * len(times), 5.4), squeeze=False)
+  for row, (name, probs) in enumerate((("classifier", learned), ("exact", exact))):
+    for i, ax in enumerate(axes[row]):
+      ax.imshow(np.clip(probs[i] @ colours, 0, 1), origin="lower", extent=extent)
+      if marks is not None:
+        ax.plot(*marks[i], marker="*", color="k", markersize=10, markeredgecolor="w")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(col_titles[i] if col_titles else _time_label(times[i]), fontsize=8)
+    axes[row, 0].set_ylabel(name, fontsize=9)
+  fig.suptitle(title or r"$p_t(y\,|\,x)$: class colours mixed by probability", fontsize=10)
+  _save_figure(fig, path)
+
+
+def save_point_panels(rows: Sequence[Sequence[tuple[np.ndarray, str]]], labels: np.ndarray, path: str,
+                      *, density: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+                      row_labels: Optional[Sequence[str]] = None, title: str = "") -> None:
+  """Panels of 2-D samples (N, 2) coloured by `labels` (N,), each over optional density contours
+  (X, Y, Z); `rows` lists (points, panel title) per row, e.g. one row per guidance kind."""
+  cols = max(len(r) for r in rows)
+  fig, axes = _pyplot().subplots(len(rows), cols, figsize=(2.8 * cols, 2.9 * len(rows)),
+                                 squeeze=False, sharex=True, sharey=True)
+  for r, row in enumerate(rows):
+    for c, ax in enumerate(axes[r]):
+      if c >= len(row):
+        ax.axis("off")
+        continue
+      if density is not None:
+        ax.contour(*density, levels=8, colors="0.6", linewidths=0.6)
+      ax.scatter(row[c][0][:, 0], row[c][0][:, 1], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
+      ax.set_aspect("equal")
+      ax.set_title(row[c][1], fontsize=8)
+    if row_labels is not None:
+      axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
+  fig.suptitle(title, fontsize=10)
+  _save_figure(fig, path)

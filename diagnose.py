@@ -1,0 +1,214 @@
+"""The reference tutorial's diagnostic figures from a workdir trained by train.py.
+
+  python diagnose.py --workdir runs/mnist [--out runs/mnist/diagnostics] [--index 0] [--seed 0] \
+                     [--figures confidence,gradients,grid,gif] [--scale 8 --sampler ddim --steps 50]
+
+Image workdirs: confidence_vs_t.png (one test image noised at 16 times, each above the noisy
+classifier's p_t(y|x_t)), gradients.png (∇ₓ log p_t(y|x_t) across t), grid_<kind>_s<scale>.png
+(classes as rows) and denoise_<kind>_s<scale>.gif (classifier guidance when a classifier was
+trained, else CFG). toy2d workdirs: posterior_vs_t.png (the classifier's p_t(y|x) beside the exact
+posterior) and guided_contours.png (guided samples over the exact density, one panel per scale).
+Prints the JSON list of written files.
+"""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import flags
+
+from jaxguide import cli, data, diagnostics, pipeline, plotting, sample_lib, samplers
+from jaxguide.errors import ConfigError
+
+IMAGE_FIGURES = ("confidence", "gradients", "grid", "gif")
+TOY_FIGURES = ("posterior", "contours")
+NEEDS_CLASSIFIER = ("confidence", "gradients", "posterior")
+
+flags.DEFINE_string("workdir", None, "A folder trained by train.py.")
+flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/diagnostics).")
+flags.DEFINE_list("figures", None, "Which figures (default: all that the workdir allows): "
+                  f"images {','.join(IMAGE_FIGURES)}; toy2d {','.join(TOY_FIGURES)}.")
+flags.DEFINE_integer("index", 0, "Which test-split example the across-t figures noise.")
+flags.DEFINE_integer("seed", 0, "Seed of the noise and of the sampling.")
+flags.DEFINE_integer("num_times", 16, "Times t in [t_eps, 1] for the confidence and gradient figures.")
+flags.DEFINE_float("t_eps", None, "The smallest time (default: the config's train.t_eps).")
+flags.DEFINE_enum("guidance", None, list(pipeline.GUIDANCES),
+                  "Grid and GIF guidance (default: classifier if one was trained, else cfg).")
+flags.DEFINE_float("scale", None, "Grid and GIF scale (default: the config's sample.clf_scale / cfg_scale).")
+flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Sampler (default: the config's).")
+flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
+flags.DEFINE_integer("num_per_class", None, "Samples per class (default: the config's).")
+flags.DEFINE_list("cfg_scales", "0,1,3,5", "toy2d contours: the CFG scales, one panel each.")
+flags.DEFINE_list("clf_scales", None, "toy2d contours: the classifier scales (default 0,1,4,8 when "
+                  "a classifier was trained).")
+FLAGS = flags.FLAGS
+
+
+def _floats(values, name: str) -> list[float]:
+  try:
+    out = [float(v) for v in values]
+  except ValueError:
+    raise ConfigError(f"--{name}={','.join(values)}: use a comma list of numbers, e.g. --{name}=0,1,3") from None
+  if not out or not np.all(np.isfinite(out)):
+    raise ConfigError(f"--{name}={','.join(values)}: give finite numbers, e.g. --{name}=0,1,3")
+  return out
+
+
+def _check_flags() -> None:
+  """The checks that need no workdir."""
+  for name in ("steps", "num_per_class", "num_times"):
+    if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
+      raise ConfigError(f"--{name}={getattr(FLAGS, name)}: must be a positive integer")
+  if FLAGS.index < 0:
+    raise ConfigError(f"--index={FLAGS.index}: must be >= 0 (a position in the test split)")
+  if FLAGS.t_eps is not None and not 0.0 < FLAGS.t_eps < 1.0:
+    raise ConfigError(f"--t_eps={FLAGS.t_eps}: must be in (0, 1), e.g. 0.001")
+  if FLAGS.scale is not None and not np.isfinite(FLAGS.scale):
+    raise ConfigError(f"--scale={FLAGS.scale}: must be a finite number")
+  unknown = sorted(set(FLAGS.figures or ()) - set(IMAGE_FIGURES + TOY_FIGURES))
+  if unknown or FLAGS.figures == []:
+    raise ConfigError(f"--figures={','.join(FLAGS.figures)}: use names from "
+                      f"{','.join(IMAGE_FIGURES + TOY_FIGURES)}")
+
+
+def _figures(run: pipeline.Run, toy: bool) -> list[str]:
+  """The requested figures, checked against what the workdir can draw."""
+  allowed = TOY_FIGURES if toy else IMAGE_FIGURES
+  if FLAGS.figures is None:
+    has_clf = "classifier" in run.params
+    return [f for f in allowed if has_clf or f not in NEEDS_CLASSIFIER]
+  wrong = [f for f in FLAGS.figures if f not in allowed]
+  if wrong:
+    raise ConfigError(f"--figures={wrong[0]} is not drawn for {'toy2d' if toy else 'image'} workdirs: "
+                      f"use {','.join(allowed)}")
+  for f in FLAGS.figures:
+    if f in NEEDS_CLASSIFIER:
+      run.require("classifier", f"--figures={f}")
+  return list(dict.fromkeys(FLAGS.figures))
+
+
+def _test_example(run: pipeline.Run) -> tuple[np.ndarray, int]:
+  """The --index'th example of the workdir's test split and its label."""
+  cfg = run.config.data
+  ds = data.load(cfg.source, "test", data_dir=cfg.get("data_dir") or None)
+  if FLAGS.index >= len(ds):
+    raise ConfigError(f"--index={FLAGS.index}: the test split of {cfg.source} has {len(ds)} "
+                      f"examples: use 0..{len(ds) - 1}")
+  return ds.image[FLAGS.index], int(ds.label[FLAGS.index])
+
+
+def _sampling(run: pipeline.Run, toy: bool) -> dict:
+  """Sampler settings, and the guidance and scale of the image grid and GIF or the toy panels'
+  kinds and scales, all checked before anything is written."""
+  cfg = run.config.sample
+  plan = {"sampler": FLAGS.sampler or cfg.sampler, "steps": FLAGS.steps or int(cfg.steps),
+          "n": FLAGS.num_per_class or int(cfg.num_per_class)}
+  foreign = ("guidance", "scale") if toy else ("cfg_scales", "clf_scales")
+  given = [name for name in foreign if FLAGS[name].present]
+  if given:
+    use = "--cfg_scales/--clf_scales" if toy else "--guidance/--scale"
+    raise ConfigError(f"--{given[0]} is not used for {'toy2d' if toy else 'image'} workdirs: use {use}")
+  if toy:
+    plan["kinds"] = [("cfg", _floats(FLAGS.cfg_scales, "cfg_scales"))]
+    if FLAGS.clf_scales is not None:
+      run.require("classifier", "--clf_scales")
+    if "classifier" in run.params:
+      plan["kinds"].append(("classifier", _floats(FLAGS.clf_scales or ["0", "1", "4", "8"], "clf_scales")))
+    return plan
+  kind = FLAGS.guidance or ("classifier" if "classifier" in run.params else "cfg")
+  pipeline.check_request(run, kind, np.arange(run.num_classes))
+  scale = FLAGS.scale if FLAGS.scale is not None else (
+      cfg.clf_scale if kind == "classifier" else cfg.cfg_scale)
+  return {**plan, "kind": kind, "scale": float(scale)}
+
+
+def _draw_noisy(run, figures: list[str], example, times: np.ndarray, out: str) -> list[str]:
+  x0, label = example
+  diag = diagnostics.noisy_classifier(diagnostics.run_log_prob(run), run.sde,
+                                      jax.random.PRNGKey(FLAGS.seed), x0, label, times)
+  files = []
+  if "confidence" in figures:
+    files.append(os.path.join(out, "confidence_vs_t.png"))
+    plotting.save_confidence_vs_t(diag.noised, diag.probs, diag.times, label, files[-1])
+  if "gradients" in figures:
+    files.append(os.path.join(out, "gradients.png"))
+    plotting.save_gradients(diag.noised, diag.grads, diag.times, label, files[-1])
+  return files
+
+
+def _draw_samples(run, figures: list[str], plan: dict, out: str) -> list[str]:
+  """The classes × n guided grid and, from the same sampling call, its denoising GIF."""
+  k, n, gif = run.num_classes, plan["n"], "gif" in figures
+  labels = np.repeat(np.arange(k, dtype=np.int32), n)
+  result = pipeline.generate(run, jax.random.PRNGKey(FLAGS.seed), labels,
+                             np.full(len(labels), plan["scale"], np.float32), kind=plan["kind"],
+                             sampler=plan["sampler"], steps=plan["steps"],
+                             clf_scale=float(run.config.sample.clf_scale), return_trajectory=gif,
+                             save_every=max(plan["steps"] // 20, 1))
+  x0, traj = result if gif else (result, None)
+  stem = f"{plan['kind']}_s{plan['scale']:g}"
+  files = []
+  if "grid" in figures:
+    files.append(os.path.join(out, f"grid_{stem}.png"))
+    plotting.save_grid(x0.reshape((k, n) + run.shape), files[-1], row_labels=[str(c) for c in range(k)],
+                       title=f"{plan['kind']} scale {plan['scale']:g}, {plan['sampler']} {plan['steps']} steps")
+  if gif:
+    files.append(os.path.join(out, f"denoise_{stem}.gif"))
+    plotting.save_gif(traj.reshape((len(traj), k, n) + run.shape), files[-1])
+  return files
+
+
+def _draw_posterior(run, example, out: str) -> str:
+  """The classifier's and the exact posterior at a few t, the --index test point's x_t starred."""
+  mixture = data.toy_mixture()
+  maps = diagnostics.posterior_maps(diagnostics.run_log_prob(run), mixture, run.sde)
+  tv = diagnostics.expected_total_variation(maps, mixture, run.sde)
+  marks = diagnostics.noise_example(run.sde, jax.random.PRNGKey(FLAGS.seed), example[0], maps.times)
+  path = os.path.join(out, "posterior_vs_t.png")
+  plotting.save_posterior_maps(maps.axis, maps.learned, maps.exact, maps.times, path,
+                               col_titles=[f"t = {t:.2f}, E[TV] = {v:.3f}" for t, v in zip(maps.times, tv)],
+                               marks=np.asarray(marks))
+  return path
+
+
+def _draw_contours(run, plan: dict, out: str) -> str:
+  """One row per guidance kind, one panel per scale, samples over the exact clean density."""
+  mixture = data.toy_mixture()
+  rows = []
+  for i, (kind, scales) in enumerate(plan["kinds"]):
+    x0, labels = diagnostics.guided_sweep(run, jax.random.PRNGKey(FLAGS.seed + i), kind, scales, plan["n"],
+                                          sampler=plan["sampler"], steps=plan["steps"])
+    rows.append([(x, f"{kind} {s:g}: accuracy {diagnostics.exact_accuracy(mixture, run.sde, x, labels):.2f}")
+                 for x, s in zip(x0, scales)])
+  path = os.path.join(out, "guided_contours.png")
+  plotting.save_point_panels(rows, labels, path, density=diagnostics.density_grid(mixture, run.sde),
+                             row_labels=[k for k, _ in plan["kinds"]],
+                             title=f"guided samples over the exact density, {plan['sampler']} {plan['steps']} steps")
+  return path
+
+
+def main(argv):
+  cli.check_args(argv, FLAGS.workdir, "the folder train.py wrote")
+  _check_flags()
+  run = pipeline.load_run(FLAGS.workdir)
+  toy = run.config.data.source == "toy:gmm"
+  figures = _figures(run, toy)
+  example = _test_example(run)
+  plan = _sampling(run, toy)
+  out = sample_lib.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "diagnostics"))
+  t_eps = FLAGS.t_eps if FLAGS.t_eps is not None else float(run.config.train.t_eps)
+  files = []
+  if set(figures) & {"confidence", "gradients"}:
+    files += _draw_noisy(run, figures, example, diagnostics.times_grid(FLAGS.num_times, t_eps), out)
+  if set(figures) & {"grid", "gif"}:
+    files += _draw_samples(run, figures, plan, out)
+  if "posterior" in figures:
+    files.append(_draw_posterior(run, example, out))
+  if "contours" in figures:
+    files.append(_draw_contours(run, plan, out))
+  print(json.dumps(files, indent=2), file=sys.stdout)
+
+
+if __name__ == "__main__":
+  cli.run(main)
