@@ -2,34 +2,99 @@
 
 Orbax writes each step into a temporary folder and renames it when complete (its "finalize"), so
 a run killed mid-save leaves no half checkpoint that could be loaded: `latest_step` only sees
-finished ones. No pickle anywhere: arrays go through orbax, the config through JSON.
+finished ones, and the leftover is named in a warning (then removed by the next save). A
+checkpoint that is damaged, or holds another model than the one asked for, raises
+`CheckpointError`: one line naming the folder and the fix. No pickle anywhere: arrays go through
+orbax, the config through JSON.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import sys
 import tempfile
+import time
 from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxguide.errors import ConfigError
 
 CONFIG_FILE = "config.json"
+# What a config.json must hold for a workdir to be usable (a truncated or hand-edited file may not).
+CONFIG_SECTIONS = ("data", "sde", "train", "models", "sample")
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint that cannot be used (damaged files, or another model's arrays)."""
+
+
+def incomplete_saves(directory: str) -> list[str]:
+  """Folders a save left unfinished (killed before orbax's finalizing rename)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(ocp.step.tmp_checkpoints(directory))
+
+
+def _one_line(e: Exception, limit: int = 120) -> str:
+  text = " ".join(str(e).split()) or "no detail"
+  return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+class _Sink(io.StringIO):
+  """Holds what is written to stderr during a restore, and when it was last written to."""
+
+  def write(self, text: str) -> int:
+    self.last = time.monotonic()
+    return super().write(text)
+
+
+@contextlib.contextmanager
+def _quiet_on_failure() -> Iterator[None]:
+  """Runs a restore with stderr held back: replayed if it succeeds, dropped if it fails. When one
+  array's read fails, the other reads are still in flight; as they finish, their callbacks find
+  orbax's event loop closed and print tracebacks. Waiting for them to go quiet (at most 5 s) keeps
+  the caller's one-line error all that a user sees."""
+  sink = _Sink()
+  sink.last = time.monotonic()
+  with contextlib.redirect_stderr(sink):
+    try:
+      yield
+    except Exception:
+      deadline = time.monotonic() + 5.0
+      while time.monotonic() - sink.last < 0.5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+      raise
+  sys.stderr.write(sink.getvalue())
 
 
 class Checkpointer:
-  """Saves every `save_every` steps (and when forced), keeps the last `keep`, restores the latest."""
+  """Saves every `save_every` steps (and when forced), keeps the last `keep`, restores the latest.
+  `read_only` never creates, cleans or writes anything (sampling must leave a workdir as it was)."""
 
-  def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3):
+  def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3,
+               read_only: bool = False, warn_incomplete: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.incomplete = incomplete_saves(self.directory)
+    if self.incomplete and warn_incomplete:
+      logging.warning("ignoring %d incomplete checkpoint(s) in %s left by an interrupted save (%s): "
+                      "using the last complete one", len(self.incomplete), self.directory,
+                      ", ".join(self.incomplete))
+    # Read-only is by convention (no create, no cleanup, `save` refused), not orbax's read_only
+    # option, which logs a warning on every open.
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True,
+        max_to_keep=keep, create=not read_only,
         # Saves on multiples of save_every only (orbax would also save the first step it sees).
         should_save_fn=lambda step, last_saved: step % save_every == 0,
-        cleanup_tmp_directories=True,        # removes what a killed save left behind
+        cleanup_tmp_directories=not read_only,   # the next save removes what a killed one left
         enable_async_checkpointing=False)    # a returned save is on disk: simple, preemption-safe
-    self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
 
@@ -41,23 +106,63 @@ class Checkpointer:
 
   def save(self, step: int, tree: Any, *, force: bool = False) -> bool:
     """Saves `tree` at `step` if the interval says so (or `force`); returns whether it saved."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only")
     saved = self._manager.save(step, args=ocp.args.StandardSave(tree), force=force)
     self._manager.wait_until_finished()
     return saved
 
+  def _error(self, step: int, what: str) -> CheckpointError:
+    earlier = [s for s in self.all_steps() if s < step]
+    fallback = f"fall back to step {max(earlier)}" if earlier else "start that model over"
+    return CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} {what}: move that "
+                           f"folder away to {fallback}, or use a new --workdir")
+
+  def _saved_tree(self, step: int) -> Any:
+    """The saved tree of ArrayMetadata; CheckpointError if its metadata is missing or damaged."""
+    try:
+      saved = self._manager.item_metadata(step)
+      tree = getattr(saved, "tree", saved)
+      if not jax.tree.leaves(tree):
+        raise ValueError("no arrays")
+      return tree
+    except Exception as e:   # orbax and tensorstore raise many types; all mean "unreadable"
+      raise self._error(step, f"is unreadable ({_one_line(e)})") from None
+
+  def metadata(self, step: int | None = None) -> dict[str, Any]:
+    """{array name: ArrayMetadata} of a saved step (names like 'params.Dense_0.kernel')."""
+    step = self.latest_step() if step is None else step
+    return {leaf.name: leaf for leaf in jax.tree.leaves(self._saved_tree(step))}
+
+  def verify(self, target: Any, step: int | None = None) -> None:
+    """Checks, from metadata alone, that a saved step holds exactly `target`'s arrays and shapes:
+    a checkpoint of another architecture or image shape is refused before anything is loaded."""
+    step = self.latest_step() if step is None else step
+    saved = {name: tuple(m.shape) for name, m in self.metadata(step).items()}
+    wanted = {jax.tree_util.keystr(path, simple=True, separator="."): tuple(np.shape(leaf))
+              for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    for name in sorted(set(saved) | set(wanted)):
+      if saved.get(name) != wanted.get(name):
+        raise self._error(step, f"holds {name} with shape {saved.get(name)} where the config builds "
+                                f"{wanted.get(name)} (another config or image shape)")
+
   def restore(self, target: Any = None, step: int | None = None) -> Any:
-    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs);
-    without a target, the saved tree onto this process's first device: never onto the saving
-    run's devices, which a host with another device count does not have."""
+    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs),
+    after `verify`; without a target, the saved tree onto this process's first device: never
+    onto the saving run's devices, which a host with another device count does not have."""
     step = self.latest_step() if step is None else step
     if target is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      saved = self._manager.item_metadata(step)
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              getattr(saved, "tree", saved))
+                              self._saved_tree(step))
     else:
+      self.verify(target, step)
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      with _quiet_on_failure():
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:   # damaged array data: tensorstore's decode and read errors
+      raise self._error(step, f"is unreadable ({_one_line(e)})") from None
 
   def close(self) -> None:
     self._manager.wait_until_finished()
@@ -90,10 +195,26 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   atomic_write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def read_json(path: str) -> Any:
+  """A JSON file of a workdir; ConfigError naming the file if it is damaged."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+    raise ConfigError(f"{path} is damaged ({_one_line(e, 60)}): restore it, or use a new "
+                      "--workdir") from None
+  except OSError as e:
+    raise ConfigError(f"{path} cannot be read ({e.strerror}): check its permissions") from None
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config a workdir was trained with, or None if it has none yet."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  saved = read_json(path)
+  missing = [s for s in CONFIG_SECTIONS if not isinstance(saved, dict) or s not in saved]
+  if missing:
+    raise ConfigError(f"{path} is damaged (no {missing[0]!r} section): restore it, or use a new "
+                      "--workdir")
+  return ml_collections.ConfigDict(saved)

@@ -16,7 +16,12 @@ USAGE_EXIT = 2
 def fail(message: str) -> None:
   """Prints one line on stderr and exits with code 2: bad input, nothing changed."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(USAGE_EXIT)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # os._exit, not sys.exit: a failed orbax/tensorstore read can leave reads in flight whose
+  # callbacks print tracebacks into stderr while the interpreter shuts down. Nothing is left to
+  # flush or finalize here: every file the scripts write is complete (atomic) or not written.
+  os._exit(USAGE_EXIT)
 
 
 def check_args(argv: Sequence[str], workdir: str | None, hint: str) -> None:

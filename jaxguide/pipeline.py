@@ -50,16 +50,12 @@ def _restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any |
   directory = os.path.join(workdir, "checkpoints", name)
   if not os.path.isdir(directory):
     return None
-  ckpt = checkpoint.Checkpointer(directory)
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
     if ckpt.latest_step() is None:
       return None
     expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"]
-    try:
-      tree = ckpt.restore()
-    except Exception as e:   # orbax raises many types for damaged files; all mean the same here
-      raise ConfigError(f"the {name} checkpoint in {directory} is unreadable ({type(e).__name__}): "
-                        "delete that step's folder to fall back to an earlier one, or retrain") from None
+    tree = ckpt.restore()   # CheckpointError (one line, with the fix) if damaged
   finally:
     ckpt.close()
   params = tree.get("ema_params") if isinstance(tree, dict) else None
@@ -77,9 +73,12 @@ def load_run(workdir: str) -> Run:
   if config is None or not os.path.exists(info_path):
     raise ConfigError(f"--workdir={workdir} holds no trained run (no config.json / {DATA_INFO_FILE}): "
                       f"train one first with python train.py --workdir {workdir}")
-  with open(info_path) as f:
-    info = json.load(f)
-  shape, k = tuple(info["shape"]), int(info["num_classes"])
+  info = checkpoint.read_json(info_path)
+  try:
+    shape, k = tuple(int(n) for n in info["shape"]), int(info["num_classes"])
+  except (KeyError, TypeError, ValueError):
+    raise ConfigError(f"{info_path} is damaged (it needs 'shape' and 'num_classes'): restore it, "
+                      "or retrain in a new --workdir") from None
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
   apply_fns, params = {}, {}
   for name in config_lib.MODEL_INDEX:

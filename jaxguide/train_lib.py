@@ -104,6 +104,25 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
 
+  def rewind(self, model: str, step: int) -> None:
+    """Drops `model`'s records after `step`: a run killed after its last checkpoint logged steps
+    that the resumed run repeats, and each step should appear once. A line cut short by the kill
+    is dropped too. Rewritten atomically; nothing is written when nothing is dropped."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if not (record.get("model") == model and record.get("step", 0) > step):
+        keep.append(line)
+    if len(keep) != len(lines):
+      checkpoint.atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -168,6 +187,7 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   if ckpt.latest_step() is not None:
     state = state.from_checkpoint_tree(ckpt.restore(state.checkpoint_tree()))
   start = int(state.step)
+  writer.rewind(name, start)
   step_fn = make_train_step(spec.loss_fn, mesh)
   batches = data.Batches(train_ds, tc.batch_size, seed=config_lib.data_seed(config, name), start_step=start)
   speed = {"images_per_s": float("nan"), "compile_s": float("nan")}
@@ -207,6 +227,30 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   return state, speed
 
 
+def _abstract_checkpoint(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of what `train_model` saves for this model, computed without any FLOPs."""
+  tc = config_lib.model_train_config(config, spec.name)
+  make = lambda key: create_train_state(key, spec.model, spec.init_args, make_optimizer(tc),
+                                        tc.ema_decay).checkpoint_tree()
+  return jax.eval_shape(make, jax.random.PRNGKey(0))
+
+
+def verify_resumable(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Before anything is written: a checkpoint already in the workdir must hold this config's
+  arrays and be readable (CheckpointError, one line, otherwise). Its arrays are read once here and
+  dropped, so that damaged data is found before config.json is rewritten for the resumed run."""
+  directory = os.path.join(workdir, "checkpoints", spec.name)
+  if not os.path.isdir(directory):
+    return
+  ckpt = checkpoint.Checkpointer(directory, read_only=True, warn_incomplete=False)
+  try:
+    if ckpt.latest_step() is not None:
+      ckpt.verify(_abstract_checkpoint(spec, config))
+      ckpt.restore()
+  finally:
+    ckpt.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        progress: bool = True) -> dict[str, Any]:
   """Trains every model in `config.models` (resuming from `workdir`), evaluates each, writes a report."""
@@ -219,13 +263,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for name in config_lib.model_names(config):
     parallel.check_divisible(config_lib.model_train_config(config, name).batch_size, mesh,
                              field=f"{name}.train.batch_size")
+  specs = {name: config_lib.model_spec(name, config, train_ds) for name in config_lib.model_names(config)}
+  for spec in specs.values():
+    verify_resumable(spec, config, workdir)
   config_lib.make_workdir(workdir)
   checkpoint.save_config(workdir, config)
   pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
   writer = MetricsWriter(workdir)
   report: dict[str, Any] = {}
-  for name in config_lib.model_names(config):
-    spec = config_lib.model_spec(name, config, train_ds)
+  for name, spec in specs.items():
     with StopSignal() as stop:
       state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop)
     report[name] = {**speed, "steps": int(state.step),
