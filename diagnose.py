@@ -1,7 +1,9 @@
 """The reference tutorial's diagnostic figures from a workdir trained by train.py.
 
   python diagnose.py --workdir runs/mnist [--out runs/mnist/diagnostics] [--index 0] [--seed 0] \
-                     [--figures confidence,gradients,grid,gif] [--scale 8 --sampler ddim --steps 50]
+                     [--figures confidence,gradients,grid,gif] [--num_times 16] \
+                     [--guidance classifier --scale 8] [--sampler ddim --steps 50]
+  python diagnose.py --workdir runs/toy [--cfg_scales 0,1,3,5 --clf_scales 0,1,4,8]
 
 Image workdirs: confidence_vs_t.png (one test image noised at 16 times, each above the noisy
 classifier's p_t(y|x_t)), gradients.png (∇ₓ log p_t(y|x_t) across t), grid_<kind>_s<scale>.png
@@ -104,11 +106,12 @@ def _sampling(run: pipeline.Run, toy: bool) -> dict:
   cfg = run.config.sample
   plan = {"sampler": FLAGS.sampler or cfg.sampler, "steps": FLAGS.steps or int(cfg.steps),
           "n": FLAGS.num_per_class or int(cfg.num_per_class)}
-  foreign = ("guidance", "scale") if toy else ("cfg_scales", "clf_scales")
+  foreign = ("guidance", "scale", "num_times", "t_eps") if toy else ("cfg_scales", "clf_scales")
   given = [name for name in foreign if FLAGS[name].present]
   if given:
-    use = "--cfg_scales/--clf_scales" if toy else "--guidance/--scale"
-    raise ConfigError(f"--{given[0]} is not used for {'toy2d' if toy else 'image'} workdirs: use {use}")
+    kinds = ("image", "a toy2d") if toy else ("toy2d", "an image")
+    raise ConfigError(f"--{given[0]} is for {kinds[0]} workdirs and --workdir={run.workdir} is "
+                      f"{kinds[1]} workdir: drop it")
   if toy:
     plan["kinds"] = [("cfg", _floats(FLAGS.cfg_scales, "cfg_scales"))]
     if FLAGS.clf_scales is not None:
@@ -194,7 +197,8 @@ def main(argv):
   run = pipeline.load_run(FLAGS.workdir)
   toy = run.config.data.source == "toy:gmm"
   figures = _figures(run, toy)
-  example = _test_example(run)
+  # Only the across-t figures need the data: a grid from a host without the dataset still works.
+  example = _test_example(run) if set(figures) & set(NEEDS_CLASSIFIER) else None
   plan = _sampling(run, toy)
   out = sample_lib.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "diagnostics"))
   t_eps = FLAGS.t_eps if FLAGS.t_eps is not None else float(run.config.train.t_eps)
