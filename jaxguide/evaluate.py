@@ -227,13 +227,16 @@ def reference_figures(judge: Judge, labels: np.ndarray, seed: int = 0) -> dict[s
   Fréchet distance falls as N grows): the floor, real train images of the same classes vs the
   held-out ones, and the ceiling, the sampler's starting noise N(0, I) vs the held-out ones."""
   labels = np.asarray(labels)
+  real_feats, _ = _real_of(judge, labels)
+  out = {"n_samples": int(len(labels)), "n_test": int(len(real_feats)), "floor": None, "ceiling": None}
+  if len(labels) < 2:   # a one-sample set has no covariance, and so no distance to read
+    return out
   rng = np.random.default_rng(seed)
   picks = [_pick(rng, judge.train.label, c, int(np.sum(labels == c))) for c in np.unique(labels)]
   noise = rng.standard_normal((len(labels),) + judge.test.shape).astype(np.float32)
-  real_feats, _ = _real_of(judge, labels)
-  return {"n_samples": int(len(labels)), "n_test": int(len(real_feats)),
-          "floor": frechet_distance(judge.predict(judge.train.image[np.concatenate(picks)])[1], real_feats),
-          "ceiling": frechet_distance(judge.predict(noise)[1], real_feats)}
+  out["floor"] = frechet_distance(judge.predict(judge.train.image[np.concatenate(picks)])[1], real_feats)
+  out["ceiling"] = frechet_distance(judge.predict(noise)[1], real_feats)
+  return out
 
 
 def _pick(rng: np.random.Generator, labels: np.ndarray, c: int, k: int) -> np.ndarray:

@@ -108,8 +108,10 @@ def save_sweep(rows: Sequence[dict], path: str, *, floor: Optional[float] = None
     ax_fd.axhline(ceiling, ls="--", color="tab:red", label="ceiling: noise vs test")
   ax_acc.set(ylim=(0.0, 1.02), ylabel="accuracy of requested label")
   ax_fd.set(yscale="log", ylabel="Fréchet distance")
+  lo, hi = min(r["scale"] for r in rows), max(r["scale"] for r in rows)
   for ax in (ax_acc, ax_fd):
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(lo - 0.3, hi + 0.3 + 0.2 * max(hi, 0.0))   # margins that keep end points inside
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("guidance scale (cfg: s, classifier: w; symlog)")
     ax.grid(alpha=0.3, which="both")

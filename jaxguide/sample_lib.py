@@ -60,7 +60,8 @@ def _numbers(text: Optional[str], field: str, kind=float, example: str = "1,3,5"
 
 
 def _scale_list(text: str, entry: str, kind: str) -> list[float]:
-  values = _numbers(text, "scale", example=f"{kind}=1,3,5" if kind else "1,3,5", shown=entry)
+  example = f"{kind}=1,3,5" if kind else "1,3,5 or --scale cfg=1,3,5"
+  values = _numbers(text, "scale", example=example, shown=entry)
   seen = set()
   for v in values:
     if f"{v:g}" in seen:   # grids, npz blocks and report rows are keyed by the printed scale
@@ -253,7 +254,8 @@ def report_markdown(summary: dict[str, Any], run: pipeline.Run) -> str:
       f"{req['sampler']}, {req['steps']} steps, seed {req['seed']}; each row: {ref['n_samples']} samples "
       f"({req['num_per_class']} per class, classes {', '.join(map(str, req['labels']))}), judged by {judge}.", "",
       f"Fréchet distance to {ref['n_test']} held-out examples of those classes, read against sets of "
-      f"the same size: floor {ref['floor']:.4g} (real train examples), ceiling {ref['ceiling']:.4g} "
+      f"the same size: floor {_fmt(ref['floor'], '.4g')} (real train examples), ceiling "
+      f"{_fmt(ref['ceiling'], '.4g')} "
       "(the sampler's N(0, I) starting noise).",
       "Diversity: mean pairwise feature distance within a class ÷ the same for held-out examples "
       "(1 = as diverse as real data), averaged over classes.", "",

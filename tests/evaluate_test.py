@@ -140,6 +140,8 @@ class EvaluatorMetricsTest(chex.TestCase):
     self.assertLess(ref["floor"], ref["ceiling"])
     only = evaluate.reference_figures(self.judge, np.repeat([3, 7], 20))   # two classes requested
     self.assertEqual(only["n_test"], int(np.isin(self.test.label, [3, 7]).sum()))
+    single = evaluate.reference_figures(self.judge, np.array([3]))   # no covariance: no distance
+    self.assertEqual((single["floor"], single["ceiling"]), (None, None))
 
 
 if __name__ == "__main__":
