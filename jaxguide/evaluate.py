@@ -292,7 +292,7 @@ def draw(run: pipeline.Run, key: jax.Array, scales_by_kind: Mapping[str, Sequenc
   return out
 
 
-def score(judge: Judge, samples: Sequence[Samples], seed: int = 0) -> tuple[list[dict], dict]:
+def measure(judge: Judge, samples: Sequence[Samples], seed: int = 0) -> tuple[list[dict], dict]:
   """One row per (kind, scale) of score_predictions, and the reference_figures of a block (every
   block requests the same labels, so one floor and one ceiling serve them all)."""
   rows = []
@@ -308,8 +308,8 @@ def score(judge: Judge, samples: Sequence[Samples], seed: int = 0) -> tuple[list
 def sweep(run: pipeline.Run, key: jax.Array, scales_by_kind: Mapping[str, Sequence[float]],
           labels: Sequence[int], num_per_class: int, *, judge: Optional[Judge] = None,
           **generate_kwargs) -> tuple[list[Samples], list[dict], dict]:
-  """draw then score: many scales × guidance kinds, one compiled sampling call per kind. Returns
+  """draw then measure: many scales × guidance kinds, one compiled sampling call per kind. Returns
   (samples, rows, reference); `judge` defaults to the workdir's (run_judge)."""
   samples = draw(run, key, scales_by_kind, labels, num_per_class, **generate_kwargs)
-  rows, reference = score(judge or run_judge(run), samples)
+  rows, reference = measure(judge or run_judge(run), samples)
   return samples, rows, reference

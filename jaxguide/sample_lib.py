@@ -233,7 +233,7 @@ def sample_and_write(run: pipeline.Run, req: Request, out: str,
       "timings": {g.kind: {"compile_s": g.compile_s, "sample_s": g.sample_s} for g in groups},
       "files": files, "request": dataclasses.asdict(req)}
   if req.evaluate:
-    rows, reference = evaluate.score(judge or evaluate.run_judge(run), groups, seed=req.seed)
+    rows, reference = evaluate.measure(judge or evaluate.run_judge(run), groups, seed=req.seed)
     summary.update(report=rows, reference=reference)
     write_report(out, summary, run)
   return summary

@@ -107,9 +107,8 @@ def test_sweep_equals_separate_runs(toy_workdir):
 def test_sweep_report_rows(toy_workdir):
   run = pipeline.load_run(toy_workdir)
   judge = evaluate.run_judge(run)
-  groups = evaluate.draw(run, jax.random.PRNGKey(0), {"cfg": [1.0, 3.0]}, [1, 2], 4, sampler="ddim",
-                         steps=4)
-  rows, reference = evaluate.score(judge, groups)
+  groups, rows, reference = evaluate.sweep(run, jax.random.PRNGKey(0), {"cfg": [1.0, 3.0]}, [1, 2], 4,
+                                           judge=judge, sampler="ddim", steps=4)
   assert [(r["guidance"], r["scale"], sorted(r["per_class"])) for r in rows] == [
       ("cfg", 1.0, [1, 2]), ("cfg", 3.0, [1, 2])]
   assert reference["n_samples"] == 8 and reference["n_test"] == int(np.isin(judge.test.label, [1, 2]).sum())
