@@ -131,14 +131,19 @@ def max_diff(a, b) -> float:
 
 @contextlib.contextmanager
 def exact_float32():
-  """IEEE float32 products on both sides (no TF32) for the equality checks."""
-  saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  """IEEE float32 products on both sides for the equality checks: no TF32, and cuDNN's default
+  convolution algorithms rather than autotuned ones (Winograd or FFT trade accuracy for speed)."""
+  cudnn = torch.backends.cudnn
+  saved = (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark,
+           cudnn.deterministic)
+  torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = cudnn.benchmark = False
+  cudnn.deterministic = True
   try:
     with jax.default_matmul_precision("highest"):
       yield
   finally:
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark,
+     cudnn.deterministic) = saved
 
 
 def autocast(device: str, dtype: Optional[torch.dtype]):
@@ -281,20 +286,39 @@ def torch_em(eps_fn: Callable, x: torch.Tensor, noise: torch.Tensor, schedule) -
   return x
 
 
+def jax_guided_eps(mode: str, unet, clf, sde: jg.VPSDE, null: int, score_params, clf_params,
+                   scale) -> Callable:
+  """jaxguide's guided ε of `mode`: eps_fn, then the guidance transform."""
+  eps = jg.eps_fn(unet.apply, score_params)
+  if mode == "unguided":
+    return guidance.unconditional(eps, null)
+  if mode == "classifier":
+    return guidance.classifier(guidance.unconditional(eps, null),
+                               jg.log_prob_fn(clf.apply, clf_params), sde, scale)
+  return guidance.classifier_free(eps, scale, null)
+
+
 def jax_sampler(mode: str, unet, clf, sde: jg.VPSDE, shape: tuple, steps: int,
                 null: int) -> Callable:
-  """jaxguide's own path: eps_fn → guidance transform → jg.sample(euler_maruyama), jitted."""
+  """jaxguide's own path: guided ε → jg.sample(euler_maruyama), jitted."""
   def run(key, y, score_params, clf_params, scale):
-    eps = jg.eps_fn(unet.apply, score_params)
-    if mode == "unguided":
-      g = guidance.unconditional(eps, null)
-    elif mode == "classifier":
-      g = guidance.classifier(guidance.unconditional(eps, null),
-                              jg.log_prob_fn(clf.apply, clf_params), sde, scale)
-    else:
-      g = guidance.classifier_free(eps, scale, null)
+    g = jax_guided_eps(mode, unet, clf, sde, null, score_params, clf_params, scale)
     return jg.sample(key, g, sde, shape, y, sampler="euler_maruyama", steps=steps)
   return jax.jit(run)
+
+
+def useful_step_flops(mode: str, unet, clf, sde: jg.VPSDE, batch: int, params: tuple,
+                      scale: float) -> float:
+  """FLOPs of one guided-ε evaluation compiled for ONE device: the work a step needs.
+
+  The sampler's own cost analysis (one device's partition, times the devices) also counts work
+  that a multi-device program duplicates, which would flatter the peak fraction.
+  """
+  def step(x, t, y, score_params, clf_params):
+    return jax_guided_eps(mode, unet, clf, sde, NUM_CLASSES, score_params, clf_params, scale)(x, t, y)
+  args = (np.zeros((batch,) + SHAPE, np.float32), np.full((batch,), 0.5, np.float32),
+          np.zeros((batch,), np.int32)) + tuple(jax.device_get(p) for p in params)
+  return cost_flops(jax.jit(step).lower(*args).compile())
 
 
 def em_noise(key: jax.Array, shape: tuple, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +376,17 @@ class Bench:
   records: list = dataclasses.field(default_factory=list)
   peaks: dict = dataclasses.field(default_factory=dict)          # dtype name -> FLOP/s
   port_errors: dict = dataclasses.field(default_factory=dict)    # check_port's result
+  start: float = dataclasses.field(default_factory=time.perf_counter)
+  failures: list = dataclasses.field(default_factory=list)       # failed checks (--keep-going)
+
+  def fail(self, message: str) -> None:
+    """A failed check stops the run, or with --keep-going is shouted now and fails it at the end
+    (for a GPU lease of a few minutes, where stopping would lose every timing)."""
+    if not self.args.keep_going:
+      sys.exit(message)
+    print(f"\n!!! {message}\n!!! (--keep-going: timing anyway; the run will exit with status 1)\n",
+          flush=True)
+    self.failures.append(message)
 
   def torch_sync(self, _=None) -> None:
     if self.device == "cuda":
@@ -389,7 +424,7 @@ class Bench:
       record["peak_fraction"] = record["flops"] / jax_s / peak if jax_s else None
       record["torch_peak_fraction"] = record["flops"] / torch_s / peak if torch_s else None
     self.records.append(record)
-    print(format_row(record), flush=True)
+    print(f"{format_row(record)}  [{time.perf_counter() - self.start:.0f} s]", flush=True)
     tmp = self.args.json + ".tmp"
     with open(tmp, "w") as f:
       json.dump(self.records, f, indent=1)
@@ -429,8 +464,8 @@ def run_port_check(b: Bench) -> None:
   b.port_errors = errors
   bad = [k for k, v in errors.items() if not v <= (PORT_TOL if k in ("unet", "classifier") else GRAD_TOL)]
   if bad:
-    sys.exit(f"PORT CHECK FAILED: {bad} above tolerance ({errors}); the PyTorch networks do not "
-             "match jaxguide's: fix benchmarks/torch_nets.py before trusting any timing")
+    b.fail(f"PORT CHECK FAILED: {bad} above tolerance ({errors}); the PyTorch networks do not "
+           "match jaxguide's: fix benchmarks/torch_nets.py before trusting any timing")
 
 
 def bench_forward(b: Bench, role: str, batch: int, dtype_name: str) -> None:
@@ -468,20 +503,27 @@ def bench_forward(b: Bench, role: str, batch: int, dtype_name: str) -> None:
          "flops": cost_flops(compiled, b.shards(batch)), "jax_runs": jt, "torch_runs": tt})
 
 
-def sampling_setup(b: Bench, mode: str, batch: int, steps: int, dtype_name: str):
-  """Both sides' sampler for one configuration: (jax call, torch call, compile s, FLOPs)."""
+def sampling_setup(b: Bench, mode: str, batch: int, steps: int, dtype_name: str,
+                   count_flops: bool = True):
+  """Both sides' sampler for one configuration: (jax call, torch call, compile s, FLOPs), FLOPs a
+  dict of the run's useful FLOPs and those the compiled (multi-device) program executes."""
   shape, sde = (batch,) + SHAPE, jg.VPSDE(b.config.sde.beta_min, b.config.sde.beta_max)
   scale = b.args.cfg_scale if mode == "cfg" else b.args.clf_scale
   key = jax.random.PRNGKey(batch * 7919 + steps)
   y_np = (np.arange(batch) % NUM_CLASSES).astype(np.int32)
   y = b.place_batch({"y": y_np})["y"]
-  fn = jax_sampler(mode, b.flax_nets["score", dtype_name], b.flax_nets["classifier", dtype_name],
-                   sde, shape, steps, NUM_CLASSES)
+  unet, clf = b.flax_nets["score", dtype_name], b.flax_nets["classifier", dtype_name]
   args = (key, y, b.params["score"], b.params["classifier"], jnp.float32(scale))
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = jax_sampler(mode, unet, clf, sde, shape, steps, NUM_CLASSES).lower(*args).compile()
   compile_s = time.perf_counter() - start
-  flops = cost_flops(compiled, b.shards(batch)) * steps
+  flops = {}
+  if count_flops:
+    flops["executed_flops"] = cost_flops(compiled, b.shards(batch)) * steps
+    flops["flops"] = flops["executed_flops"]
+    if b.shards(batch) > 1:
+      flops["flops"] = steps * useful_step_flops(mode, unet, clf, sde, batch,
+                                                 (b.params["score"], b.params["classifier"]), scale)
 
   x_t, z = em_noise(key, shape, steps)
   t_x, t_z = to_torch(x_t, b.device, nchw=True), to_torch(z, b.device, nchw=True)
@@ -503,7 +545,8 @@ def check_sampling(b: Bench, mode: str) -> None:
   if not b.wanted(name):
     return
   with exact_float32():
-    jax_call, torch_call, compile_s, _ = sampling_setup(b, mode, batch, steps, "float32")
+    jax_call, torch_call, compile_s, _ = sampling_setup(b, mode, batch, steps, "float32",
+                                                        count_flops=False)
     start = time.perf_counter()
     jo = np.asarray(jax_call())
     jax_s = time.perf_counter() - start
@@ -516,8 +559,8 @@ def check_sampling(b: Bench, mode: str) -> None:
          "dtype": "float32", "steps": steps, "compile_s": compile_s,
          "sample_abs_max": float(np.max(np.abs(jo)))})
   if not diff <= EM_TOL * max(1.0, float(np.max(np.abs(jo)))):
-    sys.exit(f"EM CHECK FAILED: {name}: max |Δ| = {diff:.3e}: the eager loop is not the "
-             "update of jaxguide.samplers.euler_maruyama")
+    b.fail(f"EM CHECK FAILED: {name}: max |Δ| = {diff:.3e}: the eager loop is not the "
+           "update of jaxguide.samplers.euler_maruyama")
 
 
 def bench_sampling(b: Bench, mode: str, batch: int, steps: int, dtype_name: str) -> None:
@@ -534,7 +577,7 @@ def bench_sampling(b: Bench, mode: str, batch: int, steps: int, dtype_name: str)
   jax_s, torch_s = float(np.median(jt)), float(np.median(tt))
   b.add({"name": name, "batch": batch, "jax_s": jax_s, "torch_s": torch_s,
          "max_abs_diff": max_diff(jo, to), "dtype": dtype_name, "steps": steps,
-         "compile_s": compile_s, "flops": flops, "images_per_s": batch / jax_s,
+         "compile_s": compile_s, **flops, "images_per_s": batch / jax_s,
          "torch_images_per_s": batch / torch_s, "steps_per_s": steps / jax_s,
          "torch_steps_per_s": steps / torch_s, "finite": bool(np.all(np.isfinite(jo))),
          "sample_abs_max": float(np.max(np.abs(jo))),
@@ -783,6 +826,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--min-run-s", type=float, default=0.2,
                       help="short calls are repeated within one timed run to last this long")
   parser.add_argument("--only", default="", help="regex: run only the records it matches")
+  parser.add_argument("--keep-going", action="store_true",
+                      help="a failed check does not stop the timings (the exit status is still 1)")
   return parser.parse_args(argv)
 
 
@@ -824,6 +869,8 @@ def main(argv=None) -> None:
   for record in b.records:
     print(format_row(record))
   print(f"{len(b.records)} records in {time.perf_counter() - start:.0f} s -> {args.json}")
+  if b.failures:
+    sys.exit("FAILED CHECKS:\n" + "\n".join(b.failures))
 
 
 if __name__ == "__main__":
