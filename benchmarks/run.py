@@ -2,7 +2,7 @@
 
   python benchmarks/run.py --json FILE [--preset cpu|gpu] [--quick] [--jax-devices N]
                            [--torch-threads N] [--repeats N] [--steps N] [--large-batch N]
-                           [--large-steps N] [--only REGEX]
+                           [--large-steps N] [--only REGEX] [--budget-s S] [--keep-going]
 
 Needs the `bench` extra (torch; on a CPU machine install the CPU wheel first, see
 pyproject.toml). Downloads nothing: the networks get seeded random weights and the training batch
@@ -12,7 +12,8 @@ is synthetic, since speed does not depend on the values. In order, it
  2. checks the weight port (benchmarks/torch_nets.py): the same inputs through Flax and PyTorch
     give max |Δ| <= 1e-4 in float32 for both networks, and their parameter gradients and the
     classifier's ∇ₓ log p agree; and that with identical noise jaxguide's `euler_maruyama` and the
-    eager loop here end on the same samples after a few steps. Any failure stops the run (exit 1);
+    eager loop here end on the same samples after a few steps. Any failure stops the run (exit 1;
+    with --keep-going the timings go on and the exit status is 1 at the end);
  3. times one network pass of each network (FLOPs from XLA's cost analysis);
  4. times Euler–Maruyama sampling, unguided (ε(x,t,∅)), classifier-guided
     (ε(x,t,∅) − w σ ∇ log p_t(y|x)) and CFG, at a small and a large batch, both sides fed the
@@ -36,8 +37,9 @@ Presets (configs/mnist.py sizes the networks and the training batch):
        grid) and B=4096 × 20 steps in float32 and bfloat16; training batch 256 in both. float32
        means TF32 products on both sides (JAX's default on GPU, switched on in PyTorch too;
        `--f32-precision highest` for IEEE float32), bfloat16 means bf16 compute with float32
-       parameters and loss
-       (the networks' `dtype`; torch.autocast). Every check runs in IEEE float32.
+       parameters and loss (the networks' `dtype`; torch.autocast). Every check runs in IEEE
+       float32. No record starts after 480 s (--budget-s), so that the whole run fits one
+       10-minute command and still prints its table; the records left out are named at the end.
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+# Before the heavy imports below: --budget-s counts from the start of the process.
+PROCESS_START = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
@@ -71,7 +75,7 @@ from torch.nn import functional as F  # noqa: E402
 import jaxguide as jg  # noqa: E402
 from benchmarks import torch_nets  # noqa: E402
 from configs import mnist  # noqa: E402
-from jaxguide import cli, config_lib, guidance, nets, parallel, train_lib  # noqa: E402
+from jaxguide import cli, config_lib, guidance, parallel, train_lib  # noqa: E402
 
 PORT_TOL = 1e-4         # float32 forward outputs, the issue's bound
 GRAD_TOL = 1e-3         # gradients, relative to their largest entry
@@ -81,10 +85,11 @@ NUM_CLASSES, SHAPE = 10, (28, 28, 1)
 
 PRESETS = {
     "cpu": dict(config="quick", device="cpu", batch=8, steps=1000, grid_batch=0,
-                large_batch=64, large_steps=100, dtypes=("float32",), repeats=5, check_steps=20),
+                large_batch=64, large_steps=100, dtypes=("float32",), repeats=5, check_steps=20,
+                budget_s=0),
     "gpu": dict(config="full", device="cuda", batch=8, steps=1000, grid_batch=80,
                 large_batch=4096, large_steps=20, dtypes=("float32", "bfloat16"), repeats=5,
-                check_steps=20),
+                check_steps=20, budget_s=480),
 }
 QUICK = dict(steps=20, large_steps=4, repeats=2, check_steps=10)
 DTYPES = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
@@ -376,8 +381,9 @@ class Bench:
   records: list = dataclasses.field(default_factory=list)
   peaks: dict = dataclasses.field(default_factory=dict)          # dtype name -> FLOP/s
   port_errors: dict = dataclasses.field(default_factory=dict)    # check_port's result
-  start: float = dataclasses.field(default_factory=time.perf_counter)
+  start: float = PROCESS_START
   failures: list = dataclasses.field(default_factory=list)       # failed checks (--keep-going)
+  skipped: list = dataclasses.field(default_factory=list)        # records over --budget-s
 
   def fail(self, message: str) -> None:
     """A failed check stops the run, or with --keep-going is shouted now and fails it at the end
@@ -408,7 +414,14 @@ class Bench:
     return jax.tree.map(jnp.asarray, tree)
 
   def wanted(self, name: str) -> bool:
-    return not self.args.only or re.search(self.args.only, name) is not None
+    """Whether to run record `name`: --only matches it, and --budget-s is not spent yet."""
+    if self.args.only and re.search(self.args.only, name) is None:
+      return False
+    if self.args.budget_s and time.perf_counter() - self.start > self.args.budget_s:
+      print(f"{name}: skipped, the {self.args.budget_s:.0f} s budget is spent", flush=True)
+      self.skipped.append(name)
+      return False
+    return True
 
   def add(self, record: dict) -> None:
     """Completes, prints and saves one record; the JSON is rewritten every time."""
@@ -435,7 +448,8 @@ class Bench:
 
 
 def measure_peak(b: Bench, dtype_name: str) -> None:
-  """Achievable FLOP/s: a large jitted matmul per device, batch-sharded over the mesh."""
+  """Achievable FLOP/s: a large jitted matmul per device, batch-sharded over the mesh, and a
+  PyTorch matmul of the same size; the larger is the peak that fractions are taken of."""
   n = 8192 if b.device == "cuda" else 2048
   dtype = DTYPES[dtype_name][0]
   devices = b.mesh.devices.size
@@ -447,10 +461,17 @@ def measure_peak(b: Bench, dtype_name: str) -> None:
   matmul(a, c).block_until_ready()
   inner = calibrate(lambda: matmul(a, c), b.jax_sync, 0.3)
   (times,), _ = median_times([lambda: matmul(a, c)], [b.jax_sync], 5, [inner])
-  flops = 2.0 * devices * n**3
-  b.peaks[dtype_name] = flops / float(np.median(times))
-  print(f"peak {dtype_name}: {b.peaks[dtype_name] / 1e12:.3f} TFLOP/s "
-        f"({devices} x {n}^3 matmul, {inner} per run)", flush=True)
+  jax_peak = 2.0 * devices * n**3 / float(np.median(times))
+  # PyTorch's matmul too: the device's peak is the better of the two, so that neither side's
+  # fraction is flattered by the other library's slower GEMM (XLA:CPU's trails oneDNN's).
+  t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+  ta, tc = (torch.randn(n, n, device=b.device).to(t_dtype) for _ in range(2))
+  t_inner = calibrate(lambda: ta @ tc, b.torch_sync, 0.3)
+  (t_times,), _ = median_times([lambda: ta @ tc], [b.torch_sync], 5, [t_inner])
+  torch_peak = 2.0 * n**3 / float(np.median(t_times))
+  b.peaks[dtype_name] = max(jax_peak, torch_peak)
+  print(f"peak {dtype_name}: {b.peaks[dtype_name] / 1e12:.3f} TFLOP/s (jax {devices} x {n}^3 "
+        f"matmul {jax_peak / 1e12:.3f}, torch {n}^3 matmul {torch_peak / 1e12:.3f})", flush=True)
 
 
 def run_port_check(b: Bench) -> None:
@@ -826,6 +847,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--min-run-s", type=float, default=0.2,
                       help="short calls are repeated within one timed run to last this long")
   parser.add_argument("--only", default="", help="regex: run only the records it matches")
+  parser.add_argument("--budget-s", type=float,
+                      help="start no record after this many seconds, so that a run under a hard "
+                           "time limit still ends with its table (gpu default 480, cpu none)")
   parser.add_argument("--keep-going", action="store_true",
                       help="a failed check does not stop the timings (the exit status is still 1)")
   return parser.parse_args(argv)
@@ -845,6 +869,8 @@ def configure(args) -> dict:
   preset = dict(PRESETS[args.preset])
   if args.quick:
     preset.update(QUICK)
+  if args.budget_s is None:
+    args.budget_s = preset["budget_s"]
   for key in ("repeats", "steps", "large_batch", "large_steps"):
     if getattr(args, key) is not None:
       preset[key] = getattr(args, key)
@@ -869,6 +895,9 @@ def main(argv=None) -> None:
   for record in b.records:
     print(format_row(record))
   print(f"{len(b.records)} records in {time.perf_counter() - start:.0f} s -> {args.json}")
+  if b.skipped:
+    print(f"skipped over the budget (run them with --only '{'|'.join(b.skipped)}'): "
+          f"{', '.join(b.skipped)}")
   if b.failures:
     sys.exit("FAILED CHECKS:\n" + "\n".join(b.failures))
 
