@@ -1,0 +1,86 @@
+"""Why jaxguide/conv.py exists: one classifier-guided ε evaluation of the mnist:quick networks
+(UNet forward on ε(x,t,∅) plus the classifier's ∇ₓ log p_t(y|x)), looped 24 times three ways —
+inside one `lax.scan` (how every sampler runs), fully unrolled, and as a Python loop over one
+compiled step — with flax's convolutions on `lax.conv_general_dilated` ("lax") and on
+`jaxguide.conv.conv_general_dilated` ("jaxguide"). Random weights: speed does not depend on them.
+
+  python benchmarks/scan_conv.py [--batch 8] [--devices 1]
+
+Prints one JSON line per (convolution, loop): milliseconds per guided step, median of 5 runs.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch", type=int, default=8)
+parser.add_argument("--devices", type=int, default=1)
+args = parser.parse_args()
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import mnist  # noqa: E402
+from jaxguide import config_lib, conv, guidance, nets, score  # noqa: E402
+from jaxguide.sde import VPSDE  # noqa: E402
+
+STEPS = 24
+
+
+def guided_step(conv_fn):
+  nets.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_fn)   # what the modules build
+  config = mnist.get_config("quick")
+  unet = config_lib.build_model(config.score.model, 10, jnp.float32)
+  clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
+  b = args.batch
+  x, t, y = jnp.zeros((b, 28, 28, 1)), jnp.full((b,), 0.5), jnp.arange(b) % 10
+  params = {"score": unet.init(jax.random.PRNGKey(0), x, t, y)["params"],
+            "classifier": clf.init(jax.random.PRNGKey(1), x, t)["params"]}
+  params = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(2), p.shape) * 0.1, params)
+  sde = VPSDE()
+
+  def eps(p, x, t):
+    e = guidance.unconditional(score.eps_fn(unet.apply, p["score"]), 10)
+    g = guidance.classifier(e, score.log_prob_fn(clf.apply, p["classifier"]), sde, 8.0)
+    return g(x, jnp.full((b,), t), y)
+  return eps, params, x
+
+
+def timed(fn, *a):
+  fn(*a).block_until_ready()
+  runs = []
+  for _ in range(5):
+    start = time.perf_counter()
+    fn(*a).block_until_ready()
+    runs.append(time.perf_counter() - start)
+  return 1000 * float(np.median(runs)) / STEPS
+
+
+def main():
+  times = jnp.linspace(1.0, 0.01, STEPS)
+  for name, conv_fn in (("lax", lax.conv_general_dilated), ("jaxguide", conv.conv_general_dilated)):
+    eps, params, x0 = guided_step(conv_fn)
+    body = lambda p: lambda x, t: (x - 1e-3 * eps(p, x, t), None)
+    loops = {"scan": jax.jit(lambda p, x: lax.scan(body(p), x, times)[0]),
+             "unrolled": jax.jit(lambda p, x: lax.scan(body(p), x, times, unroll=True)[0])}
+    one = jax.jit(lambda p, x, t: x - 1e-3 * eps(p, x, t))
+
+    def python_loop(p, x):
+      for t in np.asarray(times):
+        x = one(p, x, t)
+      return x
+    for loop, fn in (*loops.items(), ("python", python_loop)):
+      print(json.dumps({"conv": name, "loop": loop, "batch": args.batch, "devices": args.devices,
+                        "ms_per_step": round(timed(fn, params, x0), 2)}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
