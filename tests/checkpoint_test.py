@@ -64,3 +64,12 @@ class CheckpointTest(chex.TestCase):
     self.assertEqual(list(loaded.score.model.ch_mult), list(cfg.score.model.ch_mult))
     self.assertEqual(loaded.classifier.train.steps, cfg.classifier.train.steps)   # references resolved
     self.assertEqual(sorted(os.listdir(workdir)), ["config.json"])    # no temporary file left
+
+  def test_atomic_files_get_the_umask_mode(self):
+    path = os.path.join(self.create_tempdir().full_path, "report.json")
+    umask = os.umask(0o022)
+    try:
+      checkpoint.atomic_write_text(path, "{}")
+    finally:
+      os.umask(umask)
+    self.assertEqual(os.stat(path).st_mode & 0o777, 0o644)
