@@ -10,12 +10,10 @@ orbax, the config through JSON.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
 import tempfile
-import time
 from typing import Any, Iterator
 
 import jax
@@ -47,31 +45,24 @@ def _one_line(e: Exception, limit: int = 120) -> str:
   return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
-class _Sink(io.StringIO):
-  """Holds what is written to stderr during a restore, and when it was last written to."""
+def _ignore_closed_loop_callbacks() -> None:
+  """After a failed read (metadata or arrays), the other reads are still in flight; as they
+  finish, their callbacks find orbax's event loop closed and each raises RuntimeError('Event loop
+  is closed') into `sys.unraisablehook`, which prints a traceback per read. Those are drops of
+  already failed work, not errors of their own. A hook installed once, when the first
+  Checkpointer opens (before any read, so that no callback can beat it), discards exactly them
+  and hands everything else to the hook that was there: a damaged checkpoint's one-line error is
+  all a user sees."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_jaxguide_filter", False):
+    return
 
-  def write(self, text: str) -> int:
-    self.last = time.monotonic()
-    return super().write(text)
-
-
-@contextlib.contextmanager
-def _quiet_on_failure() -> Iterator[None]:
-  """Runs a restore with stderr held back: replayed if it succeeds, dropped if it fails. When one
-  array's read fails, the other reads are still in flight; as they finish, their callbacks find
-  orbax's event loop closed and print tracebacks. Waiting for them to go quiet (at most 5 s) keeps
-  the caller's one-line error all that a user sees."""
-  sink = _Sink()
-  sink.last = time.monotonic()
-  with contextlib.redirect_stderr(sink):
-    try:
-      yield
-    except Exception:
-      deadline = time.monotonic() + 5.0
-      while time.monotonic() - sink.last < 0.5 and time.monotonic() < deadline:
-        time.sleep(0.1)
-      raise
-  sys.stderr.write(sink.getvalue())
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+  hook._jaxguide_filter = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -80,6 +71,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3,
                read_only: bool = False, warn_incomplete: bool = True):
+    _ignore_closed_loop_callbacks()
     self.directory = os.path.abspath(directory)
     self.incomplete = incomplete_saves(self.directory)
     if self.incomplete and warn_incomplete:
@@ -159,8 +151,7 @@ class Checkpointer:
       self.verify(target, step)
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      with _quiet_on_failure():
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:   # damaged array data: tensorstore's decode and read errors
       raise self._error(step, f"is unreadable ({_one_line(e)})") from None
 
