@@ -1,6 +1,7 @@
 """train.py on bad input: one line on stderr naming the field, exit code 2, the workdir untouched."""
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,22 @@ def tree_hash(path):
       with open(full, "rb") as f:
         h.update(f.read())
   return h.hexdigest()
+
+
+def assert_one_line_error(res, needle):
+  """A script refused bad input: exit code 2, one stderr line naming `needle`, no traceback."""
+  lines = [l for l in res.stderr.splitlines() if l.strip()]
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+  assert needle in lines[0], lines[0]
+
+
+def copy_without(workdir, tmp_path, model):
+  """A copy of a trained workdir with one model's checkpoints removed."""
+  copy = str(tmp_path / f"no_{model}")
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, "checkpoints", model))
+  return copy
 
 
 BAD_TRAIN = [
@@ -55,10 +72,7 @@ def test_bad_train_input(case, args, needle, tmp_path):
   if case in ("bad preset", "no config file"):
     cmd = [sys.executable, "train.py", *args, f"--workdir={workdir}"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-  lines = [l for l in out.stderr.splitlines() if l.strip()]
-  assert out.returncode == 2, out.stderr[-2000:]
-  assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-  assert needle in lines[0], lines[0]
+  assert_one_line_error(out, needle)
   assert tree_hash(str(workdir)) == before
 
 

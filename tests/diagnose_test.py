@@ -1,7 +1,6 @@
 """diagnostics.py against the exact Gaussian mixture and direct gradients; diagnose.py end to end."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_test import tree_hash
+from cli_test import assert_one_line_error, copy_without, tree_hash
 from jaxguide import checkpoint, config_lib, data, diagnostics, pipeline, plotting, train_lib
 from jaxguide.sde import VPSDE
 
@@ -220,17 +219,10 @@ def test_image_workdir_writes_figures(tmp_path):
   assert [_png_size(out / n)[0] for n in names] == ["PNG", "PNG", "PNG", "GIF"]
 
 
-def _no_classifier(workdir, tmp_path):
-  copy = str(tmp_path / "noclf")
-  shutil.copytree(workdir, copy)
-  shutil.rmtree(os.path.join(copy, "checkpoints", "classifier"))
-  return copy
-
-
 BAD_DIAGNOSE = [
     ("no workdir", lambda w, t: str(t / "nothing"), [], "no trained run"),
     ("index past the test split", None, ["--index=2000"], "--index"),
-    ("figure needs the absent classifier", _no_classifier, ["--figures=posterior"], "classifier"),
+    ("figure needs the absent classifier", lambda w, t: copy_without(w, t, "classifier"), ["--figures=posterior"], "classifier"),
     ("unknown figure", None, ["--figures=confidence,magic"], "--figures"),
 ]
 
@@ -241,8 +233,5 @@ def test_bad_diagnose_input(case, make, args, needle, toy_workdir, tmp_path):
   before = tree_hash(workdir)
   out = tmp_path / "d"
   res = run_diagnose(f"--workdir={workdir}", f"--out={out}", *args)
-  lines = [l for l in res.stderr.splitlines() if l.strip()]
-  assert res.returncode == 2, res.stderr[-3000:]
-  assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-  assert needle in lines[0], lines[0]
+  assert_one_line_error(res, needle)
   assert tree_hash(workdir) == before and not out.exists()

@@ -14,7 +14,7 @@ import chex
 import jax
 import pytest
 
-from cli_test import tree_hash
+from cli_test import assert_one_line_error, tree_hash
 from jaxguide import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,10 +168,7 @@ def test_damaged_workdir(script, damage, extra, needle, trained, tmp_path):
     cmd = [sys.executable, "sample.py", f"--workdir={workdir}", f"--out={tmp_path / 'out'}",
            *SAMPLE_ARGS, *extra]
   res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
-  lines = [l for l in res.stderr.splitlines() if l.strip()]
-  assert res.returncode == 2, res.stderr[-3000:]
-  assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-  assert needle in lines[0], lines[0]
+  assert_one_line_error(res, needle)
   assert tree_hash(workdir) == before
   assert not os.path.exists(tmp_path / "out")
 
