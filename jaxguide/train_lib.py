@@ -171,9 +171,10 @@ class StopSignal:
 
 def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, workdir: str,
                 train_ds: data.Dataset, mesh: jax.sharding.Mesh,
-                writer: MetricsWriter, progress: bool = True,
-                stop: StopSignal | None = None) -> tuple[TrainState, dict[str, float]]:
-  """Trains (or resumes) one model of `config.models` to its step count; returns state and speed.
+                writer: MetricsWriter, progress: bool = True, stop: StopSignal | None = None,
+                resume_from: Any = None) -> tuple[TrainState, dict[str, float]]:
+  """Trains one model of `config.models` to its step count, from `resume_from` (the checkpoint
+  tree `read_resumable` returned) when given; returns state and speed.
 
   Raises Preempted after saving when `stop` records a signal, and Diverged, saving nothing, when
   the loss or gradient norm is non-finite at a logging or checkpoint step."""
@@ -182,10 +183,11 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   tx = make_optimizer(tc)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), config_lib.MODEL_INDEX[name])
   state = parallel.replicate(create_train_state(key, spec.model, spec.init_args, tx, tc.ema_decay), mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", name),
-                                 save_every=tc.ckpt_every, keep=tc.keep_ckpts)
-  if ckpt.latest_step() is not None:
-    state = state.from_checkpoint_tree(ckpt.restore(state.checkpoint_tree()))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", name), save_every=tc.ckpt_every,
+                                 keep=tc.keep_ckpts, warn_incomplete=False)   # read_resumable warned
+  if resume_from is not None:   # host arrays, placed like the fresh state (replicated on the mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, state.checkpoint_tree())
+    state = state.from_checkpoint_tree(jax.device_put(resume_from, shardings))
   start = int(state.step)
   writer.rewind(name, start)
   step_fn = make_train_step(spec.loss_fn, mesh)
@@ -235,18 +237,24 @@ def _abstract_checkpoint(spec: config_lib.ModelSpec, config: ml_collections.Conf
   return jax.eval_shape(make, jax.random.PRNGKey(0))
 
 
-def verify_resumable(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Before anything is written: a checkpoint already in the workdir must hold this config's
-  arrays and be readable (CheckpointError, one line, otherwise). Its arrays are read once here and
-  dropped, so that damaged data is found before config.json is rewritten for the resumed run."""
+def read_resumable(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict,
+                   workdir: str) -> Any | None:
+  """The latest checkpoint of this model in the workdir as host arrays, or None. Called before
+  anything is written: a checkpoint of another config or a damaged one raises CheckpointError (one
+  line) while the workdir is still as it was. This is the run's only read of the checkpoint."""
   directory = os.path.join(workdir, "checkpoints", spec.name)
   if not os.path.isdir(directory):
-    return
-  ckpt = checkpoint.Checkpointer(directory, read_only=True, warn_incomplete=False)
+    return None
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    if ckpt.latest_step() is not None:
-      ckpt.verify(_abstract_checkpoint(spec, config))
-      ckpt.restore()
+    if ckpt.latest_step() is None:
+      return None
+    # Restored into the state's own structure (optax's namedtuples; orbax alone gives lists),
+    # checked against it, then moved to the host until train_model places it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          _abstract_checkpoint(spec, config))
+    return jax.device_get(ckpt.restore(target))
   finally:
     ckpt.close()
 
@@ -264,8 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     parallel.check_divisible(config_lib.model_train_config(config, name).batch_size, mesh,
                              field=f"{name}.train.batch_size")
   specs = {name: config_lib.model_spec(name, config, train_ds) for name in config_lib.model_names(config)}
-  for spec in specs.values():
-    verify_resumable(spec, config, workdir)
+  resume_from = {name: read_resumable(spec, config, workdir) for name, spec in specs.items()}
   config_lib.make_workdir(workdir)
   checkpoint.save_config(workdir, config)
   pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
@@ -273,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   report: dict[str, Any] = {}
   for name, spec in specs.items():
     with StopSignal() as stop:
-      state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop)
+      state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop,
+                                 resume_from=resume_from.pop(name))
     report[name] = {**speed, "steps": int(state.step),
                     "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
                     **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
