@@ -52,7 +52,7 @@ def main():
   rows = []
   for name in args.models.split(","):
     for n in [int(d) for d in args.devices.split(",")]:
-      env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+      env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
              "JAX_PLATFORMS": "cpu"}
       out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), name],
                            capture_output=True, text=True, env=env, check=True)
