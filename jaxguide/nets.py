@@ -73,9 +73,9 @@ class GroupNorm(nn.Module):
   """GroupNorm over channels-last input (B, ..., C), ε = 1e-5: flax's `nn.GroupNorm` computation
   (statistics in float32, E[x²] − E[x]², parameters `scale` and `bias`), output in `dtype`.
 
-  On XLA:CPU the statistics and their per-channel expansion are written as channel sums and tiny
-  dots with a group-membership matrix instead of reductions over a (..., G, C/G) view and a
-  repeat. XLA fuses the repeat and the coefficient arithmetic into the big normalise+SiLU loop,
+  On XLA:CPU the statistics and their per-channel expansion are written as dots (channel sums
+  against a ones vector, then tiny products with a group-membership matrix) instead of reductions
+  over a (..., G, C/G) view and a repeat: XLA:CPU emits those reductions as scalar loops. XLA fuses the repeat and the coefficient arithmetic into the big normalise+SiLU loop,
   where they are recomputed for every element with div/mod indexing; a dot is not fused, so the
   loop only reads two (B, C) arrays. Measured on the quick UNet inside a sampling scan: 45 → 38 ms
   forward, and the classifier's input gradient 22 → 19 ms (docs/benchmarks.md). Other backends
@@ -97,8 +97,13 @@ class GroupNorm(nn.Module):
     count = math.prod(x.shape[1:-1]) * (c // g)
     if jax.default_backend() == "cpu":
       expand = _group_expansion(c, g)
-      mean = (jnp.sum(xf, axes) @ expand.T) / count                              # (B, G)
-      mean_sq = (jnp.sum(xf * xf, axes) @ expand.T) / count
+      flat = xf.reshape(x.shape[0], -1, c)                                       # (B, P, C)
+      # Channel sums as a batched (1, P) @ (P, C) product: no operand transpose, and 3-4x
+      # faster than XLA:CPU's column reduction (or a dot contracting P of a (B, P, C) view).
+      ones = jnp.ones((x.shape[0], 1, flat.shape[1]), jnp.float32)
+      channel_sum = lambda v: jnp.matmul(ones, v)[:, 0]                            # (B, C)
+      mean = (channel_sum(flat) @ expand.T) / count                              # (B, G)
+      mean_sq = (channel_sum(flat * flat) @ expand.T) / count
       inv = lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
       mean_c, inv_c = jnp.einsum("bkg,gc->kbc", jnp.stack([mean, inv], 1), expand)  # (B, C) each
     else:
