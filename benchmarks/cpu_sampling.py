@@ -1,0 +1,102 @@
+"""What the two XLA:CPU sampling changes give: YNNPACK off for compiled sampling loops
+(`samplers.compiler_options`) and jaxguide's GroupNorm against flax's `nn.GroupNorm`.
+
+One classifier-guided Euler–Maruyama step of the mnist:quick networks (UNet on ε(x,t,∅) plus
+the classifier's ∇ₓ log p_t(y|x)), 20 steps in one `lax.scan` through `samplers.sample`, for the
+four combinations, compiled up front and then timed in alternating rounds (the machine's speed
+drifts; alternation spreads the drift over all four). Random weights: speed does not depend on
+them. Also the UNet forward alone and the classifier gradient alone, with YNNPACK off.
+
+  python benchmarks/cpu_sampling.py [--batch 80] [--rounds 7]
+
+The host is split into one XLA device per core as the scripts do (set XLA_FLAGS to override).
+Prints one JSON line per configuration: milliseconds per sampling step, median over rounds.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxguide import cli  # noqa: E402
+
+cli.use_cpu_cores()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import mnist  # noqa: E402
+from jaxguide import config_lib, guidance, nets, samplers, score  # noqa: E402
+from jaxguide.sde import VPSDE  # noqa: E402
+
+STEPS = 20
+
+
+def flax_group_norm(num_groups, dtype=jnp.float32):
+  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32)
+
+
+def build(norm: str, part: str, batch: int):
+  """(jitted function of (params, key), params) for one GroupNorm and one part of the step."""
+  nets.group_norm = {"flax": flax_group_norm, "jaxguide": ORIGINAL_GROUP_NORM}[norm]
+  config = mnist.get_config("quick")
+  unet = config_lib.build_model(config.score.model, 10, jnp.float32)
+  clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
+  x, t = jnp.zeros((batch, 28, 28, 1)), jnp.full((batch,), 0.5)
+  y = jnp.arange(batch, dtype=jnp.int32) % 10
+  params = {"score": unet.init(jax.random.PRNGKey(0), x, t, y)["params"],
+            "classifier": clf.init(jax.random.PRNGKey(1), x, t)["params"]}
+  params = jax.tree.map(lambda p: 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  sde = VPSDE()
+
+  def fn(p, key):
+    eps = guidance.unconditional(score.eps_fn(unet.apply, p["score"]), 10)
+    logp = score.log_prob_fn(clf.apply, p["classifier"])
+    g = {"guided step": guidance.classifier(eps, logp, sde, 8.0),
+         "UNet forward": eps,
+         "classifier gradient": lambda x, t, y: guidance.classifier_grad(logp, x, t, y)}[part]
+    return samplers.sample(key, g, sde, (batch, 28, 28, 1), y, "euler_maruyama", STEPS)
+  return fn, params
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=80)
+  parser.add_argument("--rounds", type=int, default=7)
+  args = parser.parse_args()
+  configs = [("guided step", norm, ynn) for norm in ("flax", "jaxguide") for ynn in ("on", "off")]
+  configs += [(part, norm, "off") for part in ("UNet forward", "classifier gradient")
+              for norm in ("flax", "jaxguide")]
+  compiled = {}
+  for part, norm, ynn in configs:
+    fn, params = build(norm, part, args.batch)
+    key = jax.random.PRNGKey(0)
+    options = samplers.compiler_options() if ynn == "off" else {}
+    start = time.perf_counter()
+    exe = jax.jit(fn).lower(params, key).compile(options)
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(exe(params, key))
+    compiled[part, norm, ynn] = (exe, params, key, compile_s)
+  times = {c: [] for c in configs}
+  for _ in range(args.rounds):
+    for c in configs:
+      exe, params, key, _ = compiled[c]
+      start = time.perf_counter()
+      jax.block_until_ready(exe(params, key))
+      times[c].append(1000 * (time.perf_counter() - start) / STEPS)
+  for part, norm, ynn in configs:
+    t = times[part, norm, ynn]
+    print(json.dumps({"part": part, "group_norm": norm, "ynnpack": ynn, "batch": args.batch,
+                      "devices": jax.device_count(), "ms_per_step": round(float(np.median(t)), 1),
+                      "min_ms": round(min(t), 1),
+                      "compile_s": round(compiled[part, norm, ynn][3], 1)}), flush=True)
+
+
+ORIGINAL_GROUP_NORM = nets.group_norm
+
+if __name__ == "__main__":
+  main()
