@@ -76,7 +76,7 @@ from torch.nn import functional as F  # noqa: E402
 import jaxguide as jg  # noqa: E402
 from benchmarks import torch_nets  # noqa: E402
 from configs import mnist  # noqa: E402
-from jaxguide import cli, config_lib, guidance, parallel, samplers, train_lib  # noqa: E402
+from jaxguide import cli, config_lib, guidance, parallel, train_lib  # noqa: E402
 
 PORT_TOL = 1e-4         # float32 forward outputs, the bound
 GRAD_TOL = 1e-3         # gradients, relative to their largest entry
@@ -537,8 +537,7 @@ def sampling_setup(b: Bench, mode: str, batch: int, steps: int, dtype_name: str,
   unet, clf = b.flax_nets["score", dtype_name], b.flax_nets["classifier", dtype_name]
   args = (key, y, b.params["score"], b.params["classifier"], jnp.float32(scale))
   start = time.perf_counter()
-  compiled = jax_sampler(mode, unet, clf, sde, shape, steps, NUM_CLASSES).lower(*args).compile(
-      samplers.compiler_options())   # what pipeline.generate compiles with
+  compiled = jax_sampler(mode, unet, clf, sde, shape, steps, NUM_CLASSES).lower(*args).compile()
   compile_s = time.perf_counter() - start
   flops = {}
   if count_flops:

@@ -149,7 +149,7 @@ def _compiled(run: Run, kind: str, sampler: str, steps: int, batch: int,
   example = (run.params, jax.random.PRNGKey(0), np.zeros(batch, np.int32),
              np.zeros(batch, np.float32), np.float32(0))
   start = time.perf_counter()
-  executable = jax.jit(fn).lower(*example).compile(samplers.compiler_options())
+  executable = jax.jit(fn).lower(*example).compile()
   return executable, time.perf_counter() - start
 
 

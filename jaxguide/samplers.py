@@ -191,19 +191,6 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
   return _scan(step, carry, times, key, save_every)
 
 
-def compiler_options(backend: Optional[str] = None) -> dict[str, str]:
-  """XLA options for compiling a sampling loop: `jax.jit(f).lower(...).compile(compiler_options())`.
-
-  On CPU, XLA sends dots and convolutions to YNNPACK by default. Inside a sampler's `lax.scan` the
-  network's weights are loop state, and there YNNPACK ran the quick UNet's forward pass 1.6x slower
-  than XLA's own Eigen/oneDNN kernels (72 vs 45 ms per step at B = 40, docs/benchmarks.md), so these
-  options turn YNNPACK off for the compiled loop only. Training steps are not loops over the
-  weights and ran 15 % faster with it, so nothing process-wide is changed. Empty on GPU/TPU.
-  """
-  backend = backend or jax.default_backend()
-  return {"xla_cpu_experimental_ynn_fusion_type": ""} if backend == "cpu" else {}
-
-
 SAMPLERS: dict[str, Callable] = {
     "euler_maruyama": euler_maruyama,
     "pc": pc,
@@ -225,8 +212,7 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta).
   jit it with the static arguments bound and scales traced inside eps_fn, e.g.
   `jax.jit(functools.partial(sample, eps_fn=g, sde=sde, shape=s, sampler="ddim", steps=50))
-  (key, y=y)`; on CPU, `.lower(...).compile(compiler_options())` runs the loop faster (see there).
-  When the local devices divide the batch, x_T and y are sharded over them.
+  (key, y=y)`. When the local devices divide the batch, x_T and y are sharded over them.
   """
   fn = _check(sampler, steps, shape, y, return_trajectory, save_every, sampler_kwargs)
   if dynamic_threshold is not None:
