@@ -86,16 +86,22 @@ class GroupNorm(nn.Module):
   num_groups: int
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  impl: str = "auto"   # "dots" | "reduce" | "auto": dots on CPU, reduce elsewhere
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c, g = x.shape[-1], self.num_groups
+    impl = ("dots" if jax.default_backend() == "cpu" else "reduce") if self.impl == "auto" else self.impl
+    if impl not in ("dots", "reduce"):
+      raise ConfigError(f"GroupNorm impl={self.impl!r}: use 'auto', 'dots' or 'reduce'")
+    if c % g:
+      raise ConfigError(f"GroupNorm: {c} channels are not divisible by num_groups={g}")
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     xf = x.astype(jnp.float32)
     axes = tuple(range(1, x.ndim - 1))
     count = math.prod(x.shape[1:-1]) * (c // g)
-    if jax.default_backend() == "cpu":
+    if impl == "dots":
       expand = _group_expansion(c, g)
       flat = xf.reshape(x.shape[0], -1, c)                                       # (B, P, C)
       # Channel sums as a batched (1, P) @ (P, C) product: no operand transpose, and 3-4x
