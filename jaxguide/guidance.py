@@ -27,9 +27,11 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxguide.errors import ConfigError
+from jaxguide.parallel import DATA_AXIS, data_mesh
 from jaxguide.score import EpsFn, LogProbFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -142,13 +144,32 @@ def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> Eps
 def _cfg(eps_fn: EpsFn, scale, null_label: int, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
   """(guided ε, conditional ε) from one vmapped network call over the labels [y, ∅]."""
   labels = jnp.stack([y, jnp.full_like(y, null_label)])
-  cond, uncond = jax.vmap(eps_fn, in_axes=(None, None, 0))(x, t, labels)
+  cond, uncond = _per_device(lambda x, t, labels: jax.vmap(eps_fn, in_axes=(None, None, 0))(
+      x, t, labels), x.shape[0])(x, t, labels)
   s = broadcast_to_data(jnp.asarray(scale, cond.dtype), cond)
   # (1 − s) ε(∅) + s ε(y) is the lerp above written so that s = 0 and s = 1 are exact.
   guided = (1.0 - s) * uncond + s * cond
   if not (isinstance(rescale, (int, float)) and rescale == 0):
     guided = _rescale(guided, cond, rescale)
   return guided, cond
+
+
+def _per_device(fn: Callable, batch: int) -> Callable:
+  """fn(x (B, ...), t (B,), labels (2, B)) -> (2, B, ...), run on each local device's slice of
+  the batch when there are several devices and they divide it (the samplers' data mesh).
+
+  The vmap over the label axis merges it into the batch as the major part, (2, B) -> 2B, which
+  a batch split over devices cannot follow: XLA would gather the batch and run both passes on
+  all of it on every device (2x the work, measured 0.70x PyTorch eager on 2 CPU devices). Under
+  shard_map each device stacks only its own slice. The network's parameters, closed over, are
+  replicated; the scales are applied outside, so per-sample scales need no special handling.
+  """
+  devices = jax.local_devices()
+  if len(devices) == 1 or batch % len(devices):
+    return fn
+  spec = P(DATA_AXIS)
+  return jax.shard_map(fn, mesh=data_mesh(devices), in_specs=(spec, spec, P(None, DATA_AXIS)),
+                       out_specs=P(None, DATA_AXIS), check_vma=False)
 
 
 def _rescale(guided: jax.Array, cond: jax.Array, phi) -> jax.Array:

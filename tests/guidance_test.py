@@ -220,3 +220,49 @@ class ThresholdTest(chex.TestCase):
   def test_bad_quantile(self):
     with self.assertRaisesRegex(ConfigError, "dynamic_threshold"):
       guidance.dynamic_threshold(exact_eps, SDE, 99.5)
+
+
+MULTI_DEVICE_CFG = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxguide import guidance, nets, parallel
+k, n = 3, 32
+unet = nets.UNet(num_classes=k, ch=8, ch_mult=(1, 2), num_res_blocks=1)
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((n, 8, 8, 1)), jnp.float32)
+t = jnp.asarray(rng.uniform(0.1, 0.9, n), jnp.float32)
+y = jnp.asarray(rng.integers(0, k, n), jnp.int32)
+s = jnp.asarray(rng.uniform(0, 4, n), jnp.float32)
+shapes = jax.eval_shape(unet.init, jax.random.PRNGKey(0), x, t, y)
+params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
+eps = lambda x, t, y: unet.apply(params, x, t, y)   # convolutions: vmap merges labels into batch
+shard = NamedSharding(parallel.data_mesh(), P(parallel.DATA_AXIS))
+x, t, y, s = jax.device_put((x, t, y, s), shard)
+fn = jax.jit(lambda x, t, y, s: guidance.classifier_free(eps, s, k)(x, t, y))
+got = fn(x, t, y, s)
+cond, uncond = eps(x, t, y), eps(x, t, jnp.full_like(y, k))
+want = (1 - s[:, None, None, None]) * uncond + s[:, None, None, None] * cond
+text = fn.lower(x, t, y, s).compile().as_text()
+print(json.dumps({"devices": jax.device_count(), "max_err": float(jnp.max(jnp.abs(got - want))),
+                  "scale": float(jnp.max(jnp.abs(want))), "all_gather": "all-gather" in text,
+                  "out_sharded": got.sharding.is_equivalent_to(shard, 4)}))
+"""
+
+
+class MultiDeviceCfgTest(chex.TestCase):
+  """On 8 (fake CPU) devices with the batch split over them, CFG equals its two-call definition
+  with per-sample scales, keeps the split (no gather of the batch) and leaves it split."""
+
+  def test_eight_devices(self):
+    import json, os, subprocess, sys
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", MULTI_DEVICE_CFG], env=env, capture_output=True,
+                         text=True, timeout=300)
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    self.assertEqual(result["devices"], 8)
+    self.assertLess(result["max_err"], 1e-5 * max(1.0, result["scale"]))
+    self.assertFalse(result["all_gather"], "the CFG pass gathered the batch across devices")
+    self.assertTrue(result["out_sharded"])
