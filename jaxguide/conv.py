@@ -13,7 +13,7 @@ Here the input gradient reads an explicitly transposed copy of the kernel. The c
 `lax.optimization_barrier`, so XLA cannot fold it back into the convolution's dimension
 numbers, and the convolution it feeds is the canonical `01io` one. The copy costs one pass over
 the kernel (kilobytes); the kernel gradient is JAX's own rule. Values are identical to
-`lax.conv_general_dilated` (same operations, same order), tested in nets_test.
+`lax.conv_general_dilated` (same operations, same order), tested in tests/conv_test.py.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxguide.errors import ConfigError
-from jaxguide.parallel import DATA_AXIS, data_mesh
+from jaxguide.parallel import DATA_AXIS, local_batch_mesh
 from jaxguide.score import EpsFn, LogProbFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -164,11 +164,11 @@ def _per_device(fn: Callable, batch: int) -> Callable:
   shard_map each device stacks only its own slice. The network's parameters, closed over, are
   replicated; the scales are applied outside, so per-sample scales need no special handling.
   """
-  devices = jax.local_devices()
-  if len(devices) == 1 or batch % len(devices):
+  mesh = local_batch_mesh(batch)
+  if mesh is None or mesh.devices.size == 1:
     return fn
   spec = P(DATA_AXIS)
-  return jax.shard_map(fn, mesh=data_mesh(devices), in_specs=(spec, spec, P(None, DATA_AXIS)),
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(None, DATA_AXIS)),
                        out_specs=P(None, DATA_AXIS), check_vma=False)
 
 

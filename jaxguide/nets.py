@@ -74,13 +74,15 @@ class GroupNorm(nn.Module):
   (statistics in float32, E[x²] − E[x]², parameters `scale` and `bias`), output in `dtype`.
 
   On XLA:CPU the statistics and their per-channel expansion are written as dots (channel sums
-  against a ones vector, then tiny products with a group-membership matrix) instead of reductions
-  over a (..., G, C/G) view and a repeat: XLA:CPU emits those reductions as scalar loops. XLA fuses the repeat and the coefficient arithmetic into the big normalise+SiLU loop,
-  where they are recomputed for every element with div/mod indexing; a dot is not fused, so the
-  loop only reads two (B, C) arrays. Measured on the quick UNet inside a sampling scan: 45 → 38 ms
-  forward, and the classifier's input gradient 22 → 19 ms (docs/benchmarks.md). Other backends
-  keep the reduction form, whose tiny dots would be extra kernel launches there. Both forms give
-  flax's values to float32 rounding (tests/nets_test.py) and the same parameters.
+  against a ones row, then tiny products with a group-membership matrix) instead of reductions
+  over a (..., G, C/G) view and a repeat. XLA:CPU fuses that repeat and the coefficient arithmetic
+  into the big normalise+SiLU loop, where they are recomputed for every element with div/mod
+  indexing, and emits the reductions as scalar loops; a dot is not fused, so the loop only reads
+  two (B, C) arrays. Measured in the quick networks' classifier-guided sampling step (B = 80,
+  `benchmarks/cpu_sampling.py`, docs/benchmarks.md): UNet forward 94.7 → 69.8 ms, classifier
+  input gradient 45.1 → 32.8 ms. Other backends keep the reduction form, whose tiny dots would be
+  extra kernel launches there. Both forms give flax's values to float32 rounding
+  (tests/nets_test.py) and have the same parameters.
   """
 
   num_groups: int
@@ -104,8 +106,8 @@ class GroupNorm(nn.Module):
     if impl == "dots":
       expand = _group_expansion(c, g)
       flat = xf.reshape(x.shape[0], -1, c)                                       # (B, P, C)
-      # Channel sums as a batched (1, P) @ (P, C) product: no operand transpose, and 3-4x
-      # faster than XLA:CPU's column reduction (or a dot contracting P of a (B, P, C) view).
+      # Channel sums as a batched (1, P) @ (P, C) product: no operand transpose, and 2-4x
+      # faster than XLA:CPU's column reduction (a `bpc,p->bc` einsum transposes x first).
       ones = jnp.ones((x.shape[0], 1, flat.shape[1]), jnp.float32)
       channel_sum = lambda v: jnp.matmul(ones, v)[:, 0]                            # (B, C)
       mean = (channel_sum(flat) @ expand.T) / count                              # (B, G)

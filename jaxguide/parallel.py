@@ -22,6 +22,13 @@ def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def local_batch_mesh(batch_size: int) -> Mesh | None:
+  """The data mesh over this process's devices when they divide `batch_size` (a batch the
+  samplers split over them), else None."""
+  mesh = data_mesh(jax.local_devices())
+  return mesh if batch_size % mesh.devices.size == 0 else None
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxguide import guidance
 from jaxguide.errors import ConfigError
-from jaxguide.parallel import batch_sharding, data_mesh
+from jaxguide.parallel import batch_sharding, local_batch_mesh
 from jaxguide.score import EpsFn, eps_to_score, eps_to_x0
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -222,8 +222,8 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   key_prior, key_loop = jax.random.split(key)
   x = sde.prior_sample(key_prior, shape)
   y = jnp.asarray(y)
-  mesh = data_mesh(jax.local_devices())
-  if shape[0] % mesh.devices.size == 0:
+  mesh = local_batch_mesh(shape[0])
+  if mesh is not None:
     # A constraint, not device_put: it works under jit too, and jit propagates it to the loop.
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
   times = sde.time_grid(steps, t_eps)
