@@ -16,11 +16,16 @@ import json
 import os
 import sys
 
+from jaxguide import cli   # before jax: jaxguide loads lazily, so jax has not started yet
+
+if __name__ == "__main__":
+  cli.tune_host_malloc()   # re-executes with glibc malloc set to reuse XLA's buffers (cli.py)
+
 import jax
 import numpy as np
 from absl import flags
 
-from jaxguide import cli, data, diagnostics, pipeline, plotting, sample_lib, samplers
+from jaxguide import data, diagnostics, pipeline, plotting, sample_lib, samplers
 from jaxguide.errors import ConfigError
 
 IMAGE_FIGURES = ("confidence", "gradients", "grid", "gif")

@@ -21,11 +21,14 @@ import json
 import os
 import sys
 
-import jax
-import numpy as np
+from jaxguide import cli   # before jax: jaxguide loads lazily, so jax has not started yet
+
+if __name__ == "__main__":
+  cli.tune_host_malloc()   # re-executes with glibc malloc set to reuse XLA's buffers (cli.py)
+
 from absl import flags
 
-from jaxguide import cli, pipeline, sample_lib
+from jaxguide import pipeline, sample_lib
 
 flags.DEFINE_string("workdir", None, "A folder trained by train.py.")
 flags.DEFINE_string("guidance", None, f"{' | '.join(pipeline.GUIDANCES)}, or a comma list of them "

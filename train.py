@@ -5,11 +5,16 @@
 import json
 import sys
 
+from jaxguide import cli   # before jax: jaxguide loads lazily, so jax has not started yet
+
+if __name__ == "__main__":
+  cli.tune_host_malloc()   # re-executes with glibc malloc set to reuse XLA's buffers (cli.py)
+
 import jax
 from absl import flags
 from ml_collections import config_flags
 
-from jaxguide import cli, sample_lib, train_lib
+from jaxguide import sample_lib, train_lib
 
 config_flags.DEFINE_config_file("config", "configs/mnist.py:quick", "Config file, with :preset.",
                                 lock_config=True)

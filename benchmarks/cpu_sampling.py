@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxguide import cli  # noqa: E402
 
+cli.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (cli.py)
 cli.use_cpu_cores()
 
 import flax.linen as nn  # noqa: E402

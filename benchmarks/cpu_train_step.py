@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from jaxguide import cli  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -45,6 +47,7 @@ print(json.dumps({"model": name, "devices": n_dev, "step_ms": 1000 * med, "image
 
 
 def main():
+  cli.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (cli.py); children inherit it
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", default="score,classifier,evaluator")
   parser.add_argument("--devices", default="1,2,4")
