@@ -123,10 +123,15 @@ def tune_host_malloc() -> None:
   """
   if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux") or not _huge_pages_on_request():
     return
+  if not sys.executable:
+    return
   os.environ["GLIBC_TUNABLES"] = GLIBC_MALLOC_TUNABLES
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execv(sys.executable, sys.orig_argv)
+  try:
+    os.execv(sys.executable, sys.orig_argv)
+  except OSError:               # cannot re-execute (an embedded interpreter): run as we are
+    del os.environ["GLIBC_TUNABLES"]
 
 
 def run(main: Callable[[list[str]], None]) -> None:
