@@ -8,7 +8,7 @@ import sys
 from jaxguide import cli   # before jax: jaxguide loads lazily, so jax has not started yet
 
 if __name__ == "__main__":
-  cli.tune_host_malloc()   # re-executes with glibc malloc set to reuse XLA's buffers (cli.py)
+  cli.tune_host_malloc()   # re-executes with glibc backing XLA's per-step buffers by huge pages (cli.py)
 
 import jax
 from absl import flags

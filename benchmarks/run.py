@@ -345,6 +345,9 @@ def em_noise(key: jax.Array, shape: tuple, steps: int) -> tuple[np.ndarray, np.n
 # --------------------------------------------------------------------------- timing
 
 
+LONG_CALL_S = 1.0       # median_times: a call this long is timed without an untimed one before it
+
+
 def median_times(calls: list[Callable[[], Any]], syncs: list[Callable[[Any], None]],
                  repeats: int, inner: list[int]) -> tuple[list[list[float]], list[Any]]:
   """Alternates the callables (order flipped every repeat), `inner[i]` calls per timed run.
@@ -372,9 +375,6 @@ def median_times(calls: list[Callable[[], Any]], syncs: list[Callable[[Any], Non
       syncs[i](outs[i])
       times[i].append((time.perf_counter() - start) / inner[i])
   return times, outs
-
-
-LONG_CALL_S = 1.0
 
 
 def calibrate(call: Callable, sync: Callable, min_s: float) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 from typing import Callable, Sequence
@@ -95,13 +94,15 @@ THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 def _huge_pages_on_request() -> bool:
   """glibc >= 2.35 (the `hugetlb` tunable) and a kernel whose transparent huge pages are
-  `madvise` (with `always` every block gets them already, with `never` none can)."""
-  name, version = platform.libc_ver()
+  `madvise` (with `always` every block gets them already, with `never` none can). Asks the C
+  library for its version (`confstr`), which costs nothing at start-up; elsewhere than Linux
+  there is no such answer or no such file, and the answer is no."""
   try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()          # e.g. "glibc 2.36"
     major, minor = (int(v) for v in version.split(".")[:2])
     with open(THP_SETTING) as f:
       mode = f.read()
-  except (OSError, ValueError):
+  except (AttributeError, OSError, ValueError):
     return False
   return name == "glibc" and (major, minor) >= (2, 35) and "[madvise]" in mode
 
@@ -121,9 +122,7 @@ def tune_host_malloc() -> None:
   glibc reads the variable at start-up, hence the exec; call this before importing jax.
   Research code can set the variable in its own launcher instead.
   """
-  if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux") or not _huge_pages_on_request():
-    return
-  if not sys.executable:
+  if "GLIBC_TUNABLES" in os.environ or not sys.executable or not _huge_pages_on_request():
     return
   os.environ["GLIBC_TUNABLES"] = GLIBC_MALLOC_TUNABLES
   sys.stdout.flush()

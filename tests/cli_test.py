@@ -118,10 +118,10 @@ print(repr(os.environ.get("GLIBC_TUNABLES")), (faults() - start) / 4)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not cli._huge_pages_on_request(),
+@pytest.mark.skipif(not cli._huge_pages_on_request(),
                     reason="needs glibc >= 2.35 and transparent huge pages in madvise mode")
 @pytest.mark.parametrize("given", [None, ""], ids=["default", "opted-out"])
-def test_tune_host_malloc_reuses_large_blocks(given):
+def test_tune_host_malloc_backs_large_blocks_with_huge_pages(given):
   """The scripts re-execute once with glibc asking for huge pages: a 100 MB block that glibc maps
   afresh each time (as it does XLA:CPU's per-step temporaries) then faults in 2 MiB at a time,
   not in 25,600 pieces of 4 KiB. An existing GLIBC_TUNABLES, even empty, is left alone."""
