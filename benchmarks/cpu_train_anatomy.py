@@ -1,0 +1,199 @@
+"""Where the CPU training-step gap to PyTorch comes from: the score UNet's step taken apart.
+
+  python benchmarks/cpu_train_anatomy.py [--sections width,per_core,convs,allreduce] [--rounds 2]
+                                         [--json FILE]
+
+Needs the `bench` extra (torch) for the `width` and `per_core` sections. Every measurement runs in
+a fresh process, because the XLA device count and the CPU affinity are fixed when a process starts;
+jaxguide and PyTorch processes alternate, `--rounds` times, and each reports the median of
+`--steps` steps after two warm-up steps. Sections:
+
+  width      the mnist:quick score UNet at widths ch = 16, 24, 32: jaxguide's training step on 2 XLA
+             devices against the PyTorch twin (benchmarks/run.py) on 2 threads, batch 64;
+  per_core   the same step with each side confined to one core (`sched_setaffinity`): one XLA
+             device against one PyTorch thread, batch 32, i.e. one device's share of the batch;
+  convs      one 3x3 convolution on one core at the UNet's first-level shapes (32 x 28 x 28), with
+             whether XLA handed it to YNNPACK (a `ynn_fusion` in the compiled HLO) or ran its own;
+  allreduce  the operands of the training step's gradient all-reduce, and the step with the
+             gradients averaged as one flat vector by a `shard_map` + `psum` instead (not adopted:
+             see docs/benchmarks.md).
+
+Prints one JSON line per measurement and a table per section.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from jaxguide import cli  # noqa: E402
+
+CHILD = r"""
+import json, os, sys, time
+if os.environ.get("ANATOMY_PIN"):
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # before any thread pool exists
+sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import numpy as np
+mode, args = sys.argv[1], json.loads(sys.argv[2])
+
+
+def median_ms(call, steps):
+  for _ in range(2):
+    call()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter(); call(); times.append(time.perf_counter() - start)
+  return 1000 * float(np.median(times))
+
+
+def config(ch):
+  from configs import mnist
+  c = mnist.get_config("quick")
+  c.score.model.ch = ch
+  return c
+
+
+if mode == "jax_step":
+  import jax, jax.numpy as jnp, optax
+  from jax.flatten_util import ravel_pytree
+  from jax.sharding import PartitionSpec as P
+  from jaxguide import config_lib, data, parallel, train_lib
+  c = config(args["ch"])
+  ds = data.load("mnist5k")
+  spec = config_lib.model_spec("score", c, ds)
+  tc = config_lib.model_train_config(c, "score")
+  mesh = parallel.data_mesh(jax.devices())
+  state = parallel.replicate(train_lib.create_train_state(
+      jax.random.PRNGKey(0), spec.model, spec.init_args, train_lib.make_optimizer(tc), 0.99), mesh)
+  batch = parallel.shard_batch(data.batch_at(ds, 0, args["batch"], 0), mesh)
+  if args["variant"] == "gspmd":
+    step = train_lib.make_train_step(spec.loss_fn, mesh)
+  else:   # one flat psum of (loss, gradients); each device draws its own noise for its rows
+    def train_step(state, batch):
+      key = jax.random.fold_in(state.rng, state.step)
+      def local(params, batch):
+        (loss, _), grads = jax.value_and_grad(spec.loss_fn, has_aux=True)(params, batch, key)
+        return jax.lax.pmean(ravel_pytree((loss, grads))[0], parallel.DATA_AXIS)
+      flat = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)), out_specs=P(),
+                           check_vma=False)(state.params, batch)
+      loss, grads = ravel_pytree((jnp.zeros(()), state.params))[1](flat)
+      return state.apply_gradients(grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    step = jax.jit(train_step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.replicated(mesh), donate_argnums=0)
+  compiled = step.lower(state, batch).compile()
+  text = compiled.as_text()
+  reduces = [l for l in text.splitlines() if " all-reduce(" in l]
+  operands = sum(l.split(" all-reduce(")[1].split(")")[0].count("%") for l in reduces)
+  holder = [state]
+  def call():
+    holder[0], metrics = compiled(holder[0], batch)
+    jax.block_until_ready(metrics)
+  out = {"step_ms": median_ms(call, args["steps"]), "allreduce_ops": len(reduces),
+         "allreduce_operands": operands, "devices": jax.device_count()}
+elif mode == "torch_step":
+  import torch
+  torch.set_num_threads(args["threads"])
+  import jaxguide as jg
+  import run as harness
+  from jaxguide import config_lib
+  c = config(args["ch"])
+  tc = config_lib.model_train_config(c, "score")
+  trainer = harness.TorchTrainer(harness.build_torch(c, "score", dropout=True), "score", tc,
+                                 jg.VPSDE(c.sde.beta_min, c.sde.beta_max), c.score.p_uncond, "cpu", None)
+  rng = np.random.default_rng(2)
+  x = torch.tensor(rng.uniform(-1, 1, (args["batch"], 1, 28, 28)).astype(np.float32))
+  y = torch.tensor(np.arange(args["batch"]) % 10).long()
+  out = {"step_ms": median_ms(lambda: trainer(x, y), args["steps"]), "threads": torch.get_num_threads()}
+elif mode == "conv":
+  import jax
+  from jax import lax
+  cin, cout = args["cin"], args["cout"]
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 28, 28, cin))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout))
+  conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  ynn = "ynn_fusion" in conv.lower(x, w).compile().as_text()
+  ms = median_ms(lambda: jax.block_until_ready(conv(x, w)), args["steps"])
+  out = {"ms": ms, "gflops": 2 * 32 * 28 * 28 * 9 * cin * cout / ms / 1e6, "ynnpack": ynn}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def child(mode: str, args: dict, devices: int = 1, pin: bool = False) -> dict:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+  if pin:
+    env["ANATOMY_PIN"] = "1"
+  out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), mode, json.dumps(args)],
+                       capture_output=True, text=True, env=env)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+  if out.returncode or not lines:
+    sys.exit(f"{mode} {args} failed:\n{out.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def alternate(jobs: list, rounds: int) -> list:
+  """Runs each (label, mode, args, devices, pin) `rounds` times, alternating; medians per label."""
+  runs = {job[0]: [] for job in jobs}
+  for r in range(rounds):
+    for label, mode, args, devices, pin in (jobs if r % 2 == 0 else jobs[::-1]):
+      result = child(mode, args, devices, pin)
+      print(json.dumps({"label": label, **args, **result}), flush=True)
+      runs[label].append(result)
+  rows = []
+  for label, results in runs.items():
+    row = dict(results[-1])
+    row["step_ms"] = statistics.median(r["step_ms"] for r in results)
+    row["runs_ms"] = [round(r["step_ms"], 1) for r in results]
+    rows.append({"label": label, **row})
+  return rows
+
+
+def main():
+  cli.tune_host_malloc()   # the scripts' host set-up (huge pages); children inherit it
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sections", default="width,per_core,convs,allreduce")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=12)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args()
+  sections = args.sections.split(",")
+  report = {}
+  if "width" in sections:
+    rows = []
+    for ch in (16, 24, 32):
+      jobs = [(f"jaxguide ch={ch}", "jax_step", {"ch": ch, "batch": 64, "variant": "gspmd", "steps": args.steps}, 2, False),
+              (f"pytorch ch={ch}", "torch_step", {"ch": ch, "batch": 64, "threads": 2, "steps": args.steps}, 1, False)]
+      rows += alternate(jobs, args.rounds)
+    report["width"] = rows
+  if "per_core" in sections:
+    jobs = [("jaxguide 1 device, 1 core", "jax_step", {"ch": 16, "batch": 32, "variant": "gspmd", "steps": args.steps}, 1, True),
+            ("pytorch 1 thread, 1 core", "torch_step", {"ch": 16, "batch": 32, "threads": 1, "steps": args.steps}, 1, True)]
+    report["per_core"] = alternate(jobs, args.rounds)
+  if "convs" in sections:
+    rows = []
+    for cin, cout in ((16, 16), (16, 32), (32, 16), (32, 32)):
+      result = child("conv", {"cin": cin, "cout": cout, "steps": 40}, 1, True)
+      print(json.dumps({"cin": cin, "cout": cout, **result}), flush=True)
+      rows.append({"label": f"3x3 conv {cin} -> {cout}", **result})
+    report["convs"] = rows
+  if "allreduce" in sections:
+    jobs = [("per-leaf all-reduce (GSPMD)", "jax_step", {"ch": 16, "batch": 64, "variant": "gspmd", "steps": args.steps}, 2, False),
+            ("one flat psum (shard_map)", "jax_step", {"ch": 16, "batch": 64, "variant": "flat_psum", "steps": args.steps}, 2, False)]
+    report["allreduce"] = alternate(jobs, args.rounds)
+  for section, rows in report.items():
+    print(f"\n{section}")
+    for row in rows:
+      extra = {k: v for k, v in row.items() if k not in ("label",)}
+      print(f"  {row['label']:<32} " + "  ".join(
+          f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
