@@ -13,7 +13,8 @@ jaxguide and PyTorch processes alternate, `--rounds` times, and each reports the
   per_core   the same step with each side confined to one core (`sched_setaffinity`): one XLA
              device against one PyTorch thread, batch 32, i.e. one device's share of the batch;
   convs      one 3x3 convolution on one core at the UNet's first-level shapes (32 x 28 x 28), with
-             whether XLA handed it to YNNPACK (a `ynn_fusion` in the compiled HLO) or ran its own;
+             whether XLA handed it to YNNPACK (a `ynn_fusion` in the compiled HLO) or ran its own,
+             and four other ways of writing the 16 -> 16 one (their max |diff| to it is printed);
   allreduce  the operands of the training step's gradient all-reduce, and the step with the
              gradients averaged as one flat vector by a `shard_map` + `psum` instead (not adopted:
              see docs/benchmarks.md).
@@ -108,16 +109,40 @@ elif mode == "torch_step":
   y = torch.tensor(np.arange(args["batch"]) % 10).long()
   out = {"step_ms": median_ms(lambda: trainer(x, y), args["steps"]), "threads": torch.get_num_threads()}
 elif mode == "conv":
-  import jax
+  import jax, jax.numpy as jnp
   from jax import lax
-  cin, cout = args["cin"], args["cout"]
+  cin, cout, form = args["cin"], args["cout"], args["form"]
   x = jax.random.normal(jax.random.PRNGKey(0), (32, 28, 28, cin))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout))
-  conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                       dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  dn = ("NHWC", "HWIO", "NHWC")
+  plain = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+
+  def shifted(x, axes):   # the 3x3 neighbourhood along `axes`, stacked on the channel axis
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, wd = x.shape[1:3]
+    taps = [(i, j) for i in (range(3) if 1 in axes else (1,)) for j in (range(3) if 2 in axes else (1,))]
+    return jnp.concatenate([p[:, i:i + h, j:j + wd] for i, j in taps], -1)
+  forms = {
+      "direct": plain,
+      # the three W-neighbours on the channel axis, then a (3, 1) kernel: 48 input features
+      "unfold_w": lambda x, w: lax.conv_general_dilated(shifted(x, (2,)), w.reshape(3, 1, 3 * cin, cout),
+                                                        (1, 1), ((1, 1), (0, 0)), dimension_numbers=dn),
+      # im2col: the nine neighbours on the channel axis, then one matmul
+      "im2col_dot": lambda x, w: (shifted(x, (1, 2)).reshape(-1, 9 * cin) @ w.reshape(9 * cin, cout)
+                                  ).reshape(x.shape[:3] + (cout,)),
+      # two halves of the batch side by side as two feature groups, the kernel repeated per group
+      "batch_as_groups": lambda x, w: jnp.concatenate(jnp.split(lax.conv_general_dilated(
+          jnp.concatenate(jnp.split(x, 2), -1), jnp.concatenate([w, w], -1), (1, 1), "SAME",
+          dimension_numbers=dn, feature_group_count=2), 2, -1), 0),
+      # one zero output channel more (17 features), then the slice back to 16
+      "pad_out_17": lambda x, w: plain(x, jnp.pad(w, ((0, 0), (0, 0), (0, 0), (0, 1))))[..., :cout],
+  }
+  conv = jax.jit(forms[form])
   ynn = "ynn_fusion" in conv.lower(x, w).compile().as_text()
+  err = float(jnp.max(jnp.abs(conv(x, w) - jax.jit(plain)(x, w))))
   ms = median_ms(lambda: jax.block_until_ready(conv(x, w)), args["steps"])
-  out = {"ms": ms, "gflops": 2 * 32 * 28 * 28 * 9 * cin * cout / ms / 1e6, "ynnpack": ynn}
+  out = {"ms": ms, "gflops": 2 * 32 * 28 * 28 * 9 * cin * cout / ms / 1e6, "ynnpack": ynn,
+         "max_abs_diff": err}
 print("RESULT " + json.dumps(out))
 """
 
@@ -175,10 +200,12 @@ def main():
     report["per_core"] = alternate(jobs, args.rounds)
   if "convs" in sections:
     rows = []
-    for cin, cout in ((16, 16), (16, 32), (32, 16), (32, 32)):
-      result = child("conv", {"cin": cin, "cout": cout, "steps": 40}, 1, True)
-      print(json.dumps({"cin": cin, "cout": cout, **result}), flush=True)
-      rows.append({"label": f"3x3 conv {cin} -> {cout}", **result})
+    cases = [(16, 16, "direct"), (16, 32, "direct"), (32, 16, "direct"), (32, 32, "direct")]
+    cases += [(16, 16, form) for form in ("unfold_w", "im2col_dot", "batch_as_groups", "pad_out_17")]
+    for cin, cout, form in cases:
+      result = child("conv", {"cin": cin, "cout": cout, "form": form, "steps": 40}, 1, True)
+      print(json.dumps({"cin": cin, "cout": cout, "form": form, **result}), flush=True)
+      rows.append({"label": f"3x3 conv {cin} -> {cout} {form}", **result})
     report["convs"] = rows
   if "allreduce" in sections:
     jobs = [("per-leaf all-reduce (GSPMD)", "jax_step", {"ch": 16, "batch": 64, "variant": "gspmd", "steps": args.steps}, 2, False),
@@ -189,7 +216,8 @@ def main():
     for row in rows:
       extra = {k: v for k, v in row.items() if k not in ("label",)}
       print(f"  {row['label']:<32} " + "  ".join(
-          f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
+          (f"{k}={v:.1e}" if abs(v) < 0.05 else f"{k}={v:.1f}") if isinstance(v, float) else f"{k}={v}"
+          for k, v in extra.items()))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=1)
