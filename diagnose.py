@@ -153,7 +153,8 @@ def _draw_samples(run, figures: list[str], plan: dict, out: str) -> list[str]:
                              np.full(len(labels), plan["scale"], np.float32), kind=plan["kind"],
                              sampler=plan["sampler"], steps=plan["steps"],
                              clf_scale=float(run.config.sample.clf_scale), return_trajectory=gif,
-                             save_every=max(plan["steps"] // 20, 1))
+                             save_every=max(plan["steps"] // 20, 1),
+                             **sample_lib.config_options(run))   # the config's spacing, clip_x0
   x0, traj = result if gif else (result, None)
   stem = f"{plan['kind']}_s{plan['scale']:g}"
   files = []

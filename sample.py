@@ -12,10 +12,14 @@ A sweep of several guidance kinds, each with its own scales, in one command:
 without --guidance the kinds are those --scale names (else cfg); a kind without scales takes the
 config's sample.cfg_scale (classifier: sample.clf_scale).
 
-Writes samples.npz (image float32 in [-1, 1] (N, H, W, C), label, scale, guidance), one PNG grid per
-kind and scale (classes as rows), with --gif the denoising trajectory of each kind's first scale,
-and with --evaluate report.json, report.md (one row per kind × scale: accuracy, worst class,
-Fréchet distance beside its train-vs-test floor and noise ceiling, diversity) and sweep.png.
+Sampling stops at the score network's training t_eps; the time grid (--spacing) and x̂₀ clipping
+(--clip_x0, on at 1 for the image presets, off for toy2d) default to the config's sample block.
+
+Writes samples.npz (image float32 in [-1, 1] (N, H, W, C), clipped there unless --raw, toy2d points
+never clipped; label, scale, guidance), one PNG grid per kind and scale (classes as rows), with
+--gif the denoising trajectory of each kind's first scale, and with --evaluate report.json,
+report.md (one row per kind × scale: accuracy, worst class, Fréchet distance beside its
+train-vs-test floor and noise ceiling, diversity) and sweep.png.
 """
 import json
 import os
@@ -40,6 +44,8 @@ flags.DEFINE_multi_string("scale", None, "LIST: scales for every --guidance kind
 flags.DEFINE_float("clf_scale", None, "With --guidance both: the classifier scale (--scale is CFG's).")
 flags.DEFINE_string("sampler", None, "euler_maruyama | pc | ode_heun | ddpm | ddim | dpmpp_2m.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
+flags.DEFINE_string("spacing", None, "Time grid: linear (uniform in t) | logsnr (uniform in "
+                    "log(α²/σ²)). Default: the config's sample.spacing.")
 flags.DEFINE_integer("num_per_class", None, "Samples per label and scale.")
 flags.DEFINE_string("labels", None, "Comma list of class indices (default: every class).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -49,7 +55,9 @@ flags.DEFINE_bool("evaluate", False, "Judge the samples with the workdir's evalu
 flags.DEFINE_bool("guide_conditional", False, "Classifier guidance on ε(x,t,y) instead of ε(x,t,∅).")
 flags.DEFINE_float("eta", None, "ddim: stochasticity η (0 = deterministic).")
 flags.DEFINE_float("snr", None, "pc: Langevin corrector signal-to-noise ratio.")
-flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step.")
+flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = off. Default: the "
+                   "config's sample.clip_x0 (1 for image presets, 0 for toy2d).")
+flags.DEFINE_bool("raw", False, "Write image samples as sampled: not clipped to [-1, 1].")
 flags.DEFINE_float("rescale", 0.0, "CFG rescale φ in [0, 1].")
 flags.DEFINE_string("interval", None, "Guide only for t in 'lo,hi'.")
 flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.")

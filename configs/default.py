@@ -27,8 +27,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.score = ml_collections.ConfigDict()
   c.score.model = ml_collections.ConfigDict({
       "arch": "unet", "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
-      "attn_resolutions": (), "dropout": 0.1, "groups": 8})
+      "attn_resolutions": (), "dropout": 0.1, "groups": 8, "param": "eps"})
   c.score.p_uncond = 0.1           # label dropout: one network learns ε(x,t,y) and ε(x,t,∅)
+  c.score.weighting = "eps"        # per-sample loss weight w(t): eps | v | min_snr (losses.py)
+  c.score.min_snr_gamma = 5.0
   c.score.train = ml_collections.ConfigDict({"steps": steps})
 
   c.classifier = ml_collections.ConfigDict()
@@ -38,11 +40,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.classifier.train = ml_collections.ConfigDict({"steps": steps // 2, "lr": 1e-3})
 
   c.evaluator = ml_collections.ConfigDict()
-  c.evaluator.model = ml_collections.ConfigDict({"arch": "lenet"})
+  c.evaluator.model = ml_collections.ConfigDict({"arch": "lenet", "convs_per_stage": 1})
   c.evaluator.max_shift = 2         # random translations in pixels: augmentation for 4k images
   c.evaluator.train = ml_collections.ConfigDict({"steps": steps // 4, "lr": 1e-3, "ema_decay": 0.99})
 
-  # The guided grids train.py draws at the end (and sample.py's defaults).
+  # The guided grids train.py draws at the end (and sample.py's defaults). spacing: the time grid,
+  # linear | logsnr; clip_x0: clip x̂₀ to [-c, c] at every step (0 = off), on for [-1, 1] images.
   c.sample = ml_collections.ConfigDict({
-      "sampler": "ddim", "steps": 100, "cfg_scale": 3.0, "clf_scale": 8.0, "num_per_class": 8})
+      "sampler": "ddim", "steps": 100, "spacing": "linear", "clip_x0": 1.0, "cfg_scale": 3.0,
+      "clf_scale": 8.0, "num_per_class": 8})
   return c

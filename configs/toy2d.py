@@ -14,5 +14,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.score.model = ml_collections.ConfigDict({"arch": "mlp", "hidden": 128, "depth": 3})
   c.classifier.model = ml_collections.ConfigDict({"arch": "mlp_classifier", "hidden": 128, "depth": 3})
   c.classifier.train.lr = 1e-3
-  c.sample.update({"sampler": "ddim", "steps": 100, "num_per_class": 256})
+  c.sample.update({"sampler": "ddim", "steps": 100, "num_per_class": 256, "clip_x0": 0.0})
   return c

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxguide import losses, nets
+from jaxguide import losses, nets, score
 from jaxguide.checkpoint import load_config
 from jaxguide.errors import ConfigError
 from jaxguide.sde import VPSDE
@@ -93,6 +93,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if "score" in model_names(config):
     p = config.score.p_uncond
     _check(0.0 <= p < 1.0, "score.p_uncond", p, "must be in [0, 1), e.g. 0.1 (0 disables CFG training)")
+    w = config.score.get("weighting", "eps")
+    _check(w in losses.WEIGHTINGS, "score.weighting", w, f"use one of {losses.WEIGHTINGS}")
+    g = config.score.get("min_snr_gamma", 5.0)
+    _check(isinstance(g, (int, float)) and g > 0, "score.min_snr_gamma", g, "must be positive, e.g. 5")
+    param = config.score.model.get("param", "eps")
+    _check(param in PARAMS, "score.model.param", param, f"use one of {PARAMS}")
 
 
 def devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
@@ -164,10 +170,24 @@ class ModelSpec:
   num_classes: int
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> Any:
+PARAMS = ("eps", "v")   # what a score network's output means (score.model.param)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+                sde: VPSDE | None = None) -> Any:
+  """The module a model config describes. A score network with `param='v'` is wrapped in
+  `score.VPrediction` (it needs the SDE), so that every model of a run returns ε."""
   kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-            for k, v in model_cfg.to_dict().items() if k != "arch"}
-  return ARCHS[model_cfg.arch](num_classes=num_classes, dtype=dtype, **kwargs)
+            for k, v in model_cfg.to_dict().items() if k not in ("arch", "param")}
+  model = ARCHS[model_cfg.arch](num_classes=num_classes, dtype=dtype, **kwargs)
+  param = model_cfg.get("param", "eps")
+  if param not in PARAMS:
+    raise ConfigError(f"score.model.param={param!r}: use one of {PARAMS}")
+  if param == "v":
+    if sde is None:
+      raise ValueError("build_model: a v-prediction network needs the run's sde")
+    model = score.VPrediction(model, sde)
+  return model
 
 
 def example_inputs(name: str, shape: tuple[int, ...]) -> tuple:
@@ -180,11 +200,13 @@ def example_inputs(name: str, shape: tuple[int, ...]) -> tuple:
 
 def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> ModelSpec:
   tc = model_train_config(config, name)
-  model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype])
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+  model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype], sde)
   if name == "score":
     loss = losses.make_eps_loss(model.apply, sde, num_classes=train_ds.num_classes,
-                                p_uncond=config.score.p_uncond, t_eps=tc.t_eps)
+                                p_uncond=config.score.p_uncond, t_eps=tc.t_eps,
+                                weighting=config.score.get("weighting", "eps"),
+                                min_snr_gamma=config.score.get("min_snr_gamma", 5.0))
   elif name == "classifier":
     loss = losses.make_noisy_classifier_loss(model.apply, sde, t_eps=tc.t_eps)
   else:

@@ -2,7 +2,10 @@
 
 - ε-matching (Ho et al. 2020, in continuous time) with label dropout for classifier-free guidance:
   a fraction `p_uncond` of the labels is replaced by the null label `num_classes`, so one network
-  learns both ε(x, t, y) and ε(x, t, ∅).
+  learns both ε(x, t, y) and ε(x, t, ∅). Each sample's squared error is weighted by w(t) (`WEIGHTINGS`):
+  1 is plain ε-matching; 1/α² = 1 + 1/SNR is the v-prediction loss ‖v̂ − v‖² (EDM's weighting for
+  σ_data = 1); min(SNR, γ)/SNR is min-SNR-γ (Hang et al. 2023) in ε-space, whatever the network
+  predicts.
 - the noisy classifier's cross-entropy on x_t at t ~ U(t_eps, 1): it must be right at every noise
   level because guidance asks it for ∇ₓ log p_t(y | x_t) all along the reverse process.
 - the evaluator's cross-entropy on clean images, with small random translations.
@@ -32,9 +35,29 @@ def drop_labels(key: jax.Array, y: jax.Array, p_uncond: float, null_label: int) 
   return jnp.where(drop, null_label, y)
 
 
+def loss_weight(sde: VPSDE, t: jax.Array, weighting: str, gamma: float = 5.0) -> jax.Array:
+  """w(t) (B,) that multiplies each sample's ε squared error (module docstring)."""
+  snr = jnp.exp(sde.log_snr(t))
+  if weighting == "eps":
+    return jnp.ones_like(t)
+  if weighting == "v":
+    return 1.0 + 1.0 / snr
+  if weighting == "min_snr":
+    return jnp.minimum(snr, gamma) / snr
+  raise ValueError(f"weighting={weighting!r}: use one of {WEIGHTINGS}")
+
+
+WEIGHTINGS = ("eps", "v", "min_snr")
+
+
 def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes: int,
-                  p_uncond: float = 0.1, t_eps: float = 1e-3) -> LossFn:
-  """Mean squared error between the predicted and the true noise, labels dropped at p_uncond."""
+                  p_uncond: float = 0.1, t_eps: float = 1e-3, weighting: str = "eps",
+                  min_snr_gamma: float = 5.0) -> LossFn:
+  """Weighted mean squared error between the predicted and the true noise, labels dropped at
+  p_uncond. The metric `eps_mse` is the unweighted error, comparable across weightings."""
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r}: use one of {WEIGHTINGS}")
+
   def loss_fn(params, batch, key):
     x0, y = batch["image"], batch["label"]
     k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 4)
@@ -42,8 +65,9 @@ def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes
     x_t, eps = sde.perturb(k_noise, x0, t)
     y_in = drop_labels(k_drop, y, p_uncond, num_classes)
     pred = apply_fn({"params": params}, x_t, t, y_in, train=True, rngs={"dropout": k_dropout})
-    loss = jnp.mean((pred.astype(jnp.float32) - eps) ** 2)
-    return loss, {}
+    err = jnp.mean(((pred.astype(jnp.float32) - eps) ** 2).reshape(x0.shape[0], -1), axis=-1)
+    loss = jnp.mean(loss_weight(sde, t, weighting, min_snr_gamma) * err)
+    return loss, {"eps_mse": jnp.mean(err)}
   return loss_fn
 
 

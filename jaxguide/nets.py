@@ -438,15 +438,18 @@ class LeNet(nn.Module):
 
   num_classes: int = 10
   dropout: float = 0.25
+  convs_per_stage: int = 1   # 2: conv32-conv32-pool-conv64-conv64-pool (a VGG-style judge)
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_common(self.num_classes, self.dropout)
+    if self.convs_per_stage < 1:
+      raise ConfigError(f"evaluator.model.convs_per_stage={self.convs_per_stage}: use 1 or 2")
     super().__post_init__()
 
   def setup(self):
-    self.conv_0 = Conv(32, (3, 3), dtype=self.dtype)
-    self.conv_1 = Conv(64, (3, 3), dtype=self.dtype)
+    self.convs = [[Conv(width, (3, 3), dtype=self.dtype, name=f"conv_{i}_{j}" if j else f"conv_{i}")
+                   for j in range(self.convs_per_stage)] for i, width in enumerate((32, 64))]
     self.dense_0 = nn.Dense(128, dtype=self.dtype)
     self.drop = nn.Dropout(self.dropout)
     self.head = nn.Dense(self.num_classes, dtype=jnp.float32)
@@ -455,8 +458,10 @@ class LeNet(nn.Module):
     if x.ndim != 4:
       raise ConfigError(f"LeNet input has shape {x.shape}: expected NHWC (batch, height, width, channels)")
     h = x.astype(self.dtype)
-    h = nn.max_pool(nn.relu(self.conv_0(h)), (2, 2), (2, 2))
-    h = nn.max_pool(nn.relu(self.conv_1(h)), (2, 2), (2, 2))
+    for stage in self.convs:
+      for conv in stage:
+        h = nn.relu(conv(h))
+      h = nn.max_pool(h, (2, 2), (2, 2))
     h = self.drop(h.reshape(h.shape[0], -1), deterministic=not train)
     return nn.relu(self.dense_0(h)).astype(jnp.float32)
 

@@ -39,6 +39,12 @@ class Run:
   apply_fns: dict[str, Callable[..., jax.Array]]
   params: dict[str, Any]
 
+  @property
+  def t_eps(self) -> float:
+    """The score network's training t_eps (config.train.t_eps or its score.train override): the
+    samplers stop there, since the network never saw smaller times."""
+    return float(config_lib.model_train_config(self.config, "score").t_eps)
+
   def require(self, name: str, why: str) -> None:
     if name not in self.params:
       raise ConfigError(f"{why} needs a trained {name} in --workdir={self.workdir}: train it with "
@@ -85,7 +91,7 @@ def load_run(workdir: str) -> Run:
     if name not in config or "model" not in config[name]:
       continue
     dtype = config_lib.DTYPES[config_lib.model_train_config(config, name).dtype]
-    model = config_lib.build_model(config[name].model, k, dtype)
+    model = config_lib.build_model(config[name].model, k, dtype, sde)
     restored = _restore_ema(workdir, name, model, config_lib.example_inputs(name, shape))
     if restored is not None:
       apply_fns[name], params[name] = model.apply, restored
@@ -139,7 +145,7 @@ def _compiled(run: Run, kind: str, sampler: str, steps: int, batch: int,
   """One compiled sampling executable per (guidance kind, sampler, steps, batch), compiled ahead
   of time so that its compile time is measured apart; scales and labels are traced arguments, so
   any scale list reuses it. Returns (executable, compile seconds)."""
-  opts = dict(options)
+  opts = {"t_eps": run.t_eps, **dict(options)}
   guide_opts = {k: opts.pop(k) for k in ("guide_conditional", "interval", "rescale") if k in opts}
 
   def fn(params, key, y, scale, clf_scale):
@@ -159,6 +165,8 @@ def generate(run: Run, key: jax.Array, labels: np.ndarray, scales: np.ndarray, *
              timings: Optional[dict[str, float]] = None, **options):
   """Guided samples for per-sample labels and scales, in chunks of at most `batch_size` that all
   share one compilation. Returns x0 (N, ...) and, with return_trajectory, the stacked states.
+  `options` go to `samplers.sample` (spacing, clip_x0, eta, snr, ...; t_eps defaults to
+  `run.t_eps`) or to the guidance (guide_conditional, interval, rescale).
   `timings`, if given, receives compile_s (0 when cached) and sample_s (wall time after it)."""
   labels, scales = np.asarray(labels, np.int32), np.asarray(scales, np.float32)
   check_request(run, kind, labels)

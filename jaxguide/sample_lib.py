@@ -8,6 +8,10 @@ A request sweeps guidance kinds, each with its own scales (`parse_sweep`):
   --guidance cfg,none --scale 1,3                             a LIST without KIND= serves every kind
                                                               that has no list of its own
 A kind without scales takes the config's sample.cfg_scale (classifier: sample.clf_scale).
+
+Sampling settings the flags leave open come from the workdir's config.sample (sampler, steps,
+spacing, clip_x0); t_eps is the score network's training t_eps (`pipeline.Run.t_eps`). Image
+samples are written clipped to [−1, 1] unless `Request.raw` (sample.py --raw); toy points never are.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from jaxguide import checkpoint, evaluate, pipeline, plotting, samplers
 from jaxguide.errors import ConfigError
+from jaxguide.sde import SPACINGS
 
 SCALE_FORMS = "--scale LIST or --scale KIND=LIST (repeatable), e.g. --scale cfg=1,3 --scale classifier=4,8"
 
@@ -33,12 +38,14 @@ class Request:
   clf_scale: Optional[float] = None
   sampler: Optional[str] = None
   steps: Optional[int] = None
+  spacing: Optional[str] = None      # the time grid: linear | logsnr (VPSDE.time_grid)
   num_per_class: Optional[int] = None
   labels: Optional[list[int]] = None
   seed: int = 0
   batch_size: int = 1000
   gif: bool = False
   evaluate: bool = False
+  raw: bool = False                  # write image samples as sampled, not clipped to [−1, 1]
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -124,6 +131,8 @@ def request_from_flags(flags_: Any) -> Request:
   for name in ("eta", "snr", "clip_x0"):
     if getattr(flags_, name) is not None:
       options[name] = float(getattr(flags_, name))
+  if options.get("clip_x0", 0.0) < 0:
+    raise ConfigError(f"--clip_x0={flags_.clip_x0}: must be >= 0 (0 = off), e.g. 1")
   if flags_.guide_conditional:
     options["guide_conditional"] = True
   if flags_.rescale:
@@ -137,27 +146,55 @@ def request_from_flags(flags_: Any) -> Request:
     options["interval"] = tuple(interval)
   if flags_.sampler is not None and flags_.sampler not in samplers.SAMPLERS:
     raise ConfigError(f"--sampler={flags_.sampler!r} is not known: use one of {', '.join(samplers.SAMPLERS)}")
+  if flags_.spacing is not None and flags_.spacing not in SPACINGS:
+    raise ConfigError(f"--spacing={flags_.spacing!r} is not known: use one of "
+                      f"{', '.join(SPACINGS)}")
   for name in ("steps", "num_per_class", "batch_size"):
     value = getattr(flags_, name)
     if value is not None and value < 1:
       raise ConfigError(f"--{name}={value}: must be a positive integer")
   kinds, scales = parse_sweep(flags_.guidance, flags_.scale)
   return Request(guidance=kinds, scales=scales, clf_scale=flags_.clf_scale, sampler=flags_.sampler,
-                 steps=flags_.steps, num_per_class=flags_.num_per_class, labels=_numbers(flags_.labels, "labels", int, "0,3,7"),
-                 seed=flags_.seed, batch_size=flags_.batch_size, gif=flags_.gif,
-                 evaluate=flags_.evaluate, options=options)
+                 steps=flags_.steps, spacing=flags_.spacing, num_per_class=flags_.num_per_class,
+                 labels=_numbers(flags_.labels, "labels", int, "0,3,7"), seed=flags_.seed,
+                 batch_size=flags_.batch_size, gif=flags_.gif, evaluate=flags_.evaluate,
+                 raw=flags_.raw, options=options)
+
+
+def config_options(run: pipeline.Run, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """`options` (sampler and guidance options from the flags) with the config's sample.spacing and
+  sample.clip_x0 filled in where the flags left them open; clip_x0 = 0 is dropped (off).
+
+  A workdir saved before these fields existed samples on the linear grid and clips x̂₀ to [−1, 1]
+  for image data, not for toy data: the presets' defaults."""
+  cfg = run.config.sample
+  out = dict(options or {})
+  out.setdefault("spacing", cfg.get("spacing", "linear"))
+  if out["spacing"] not in SPACINGS:
+    raise ConfigError(f"sample.spacing={out['spacing']!r} in {run.workdir}/config.json is not "
+                      f"known: use --spacing {' or --spacing '.join(SPACINGS)}")
+  clip = float(out.pop("clip_x0", cfg.get("clip_x0", 1.0 if len(run.shape) == 3 else 0.0)))
+  if clip < 0:
+    raise ConfigError(f"sample.clip_x0={clip:g} in {run.workdir}/config.json: must be >= 0 "
+                      "(0 = off): pass --clip_x0 1 or --clip_x0 0")
+  if clip > 0:
+    out["clip_x0"] = clip
+  return out
 
 
 def complete_request(req: Request, run: pipeline.Run) -> Request:
   """Fills what the flags left open from the workdir's config.sample, and checks the rest."""
   cfg = run.config.sample
   default = lambda kind: [float(cfg.clf_scale if kind == "classifier" else cfg.cfg_scale)]
+  flagged = dict(req.options, **({"spacing": req.spacing} if req.spacing else {}))
+  options = config_options(run, flagged)   # spacing is popped below: it is a Request field
   req = dataclasses.replace(
       req, scales={k: req.scales.get(k) or default(k) for k in req.guidance},
       clf_scale=float(cfg.clf_scale) if req.clf_scale is None else req.clf_scale,
       sampler=req.sampler or cfg.sampler, steps=req.steps or int(cfg.steps),
-      num_per_class=req.num_per_class or int(cfg.num_per_class),
-      labels=req.labels if req.labels is not None else list(range(run.num_classes)))
+      spacing=options.pop("spacing"), num_per_class=req.num_per_class or int(cfg.num_per_class),
+      labels=req.labels if req.labels is not None else list(range(run.num_classes)),
+      options=options)
   for kind in req.guidance:
     pipeline.check_request(run, kind, np.asarray(req.labels))
   if req.evaluate and "evaluator" not in run.params and run.config.data.source != "toy:gmm":
@@ -218,9 +255,14 @@ def sample_and_write(run: pipeline.Run, req: Request, out: str,
   """Samples the request, writes samples.npz and the figures, and with req.evaluate the report
   (judged by `judge`, default the workdir's). Returns the summary that report.json holds."""
   groups = evaluate.draw(run, jax.random.PRNGKey(req.seed), req.scales, req.labels, req.num_per_class,
-                         sampler=req.sampler, steps=req.steps, clf_scale=req.clf_scale,
-                         batch_size=req.batch_size, return_trajectory=req.gif,
-                         save_every=max(req.steps // 20, 1), **req.options)
+                         sampler=req.sampler, steps=req.steps, spacing=req.spacing or "linear",
+                         clf_scale=req.clf_scale, batch_size=req.batch_size,
+                         return_trajectory=req.gif, save_every=max(req.steps // 20, 1),
+                         **req.options)
+  if len(run.shape) == 3 and not req.raw:
+    # Images are [−1, 1] data: what is written (and judged) stays there. The trajectory is not
+    # clipped: its noisy states leave [−1, 1] by design (the GIF clips them for display).
+    groups = [dataclasses.replace(g, images=np.clip(g.images, -1.0, 1.0)) for g in groups]
   npz = os.path.join(out, "samples.npz")
   save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
            label=np.concatenate([g.labels for g in groups]),

@@ -5,13 +5,27 @@ Every sampler has the signature
     sampler(key, eps_fn, sde, x, y, times, *, save_every=0, **options) -> (x0, traj)
 
 where x is the prior draw x_T (B, ...) of any rank, y the labels (B,) passed on to eps_fn, and
-`times` the decreasing grid `sde.time_grid(steps, t_eps)` from T to t_eps. Guidance, x̂₀ clipping
-and dynamic thresholding are ε-transforms (`jaxguide.guidance`), so every sampler gets them all.
+`times` the decreasing grid `sde.time_grid(steps, t_eps, spacing)` from T to t_eps. Guidance, x̂₀
+clipping and dynamic thresholding are ε-transforms (`jaxguide.guidance`), so every sampler gets
+them all.
 
-The last step denoises: no sampler adds noise on its final step, so x0 is the noise-free state
-at t_eps (the reverse-SDE mean for euler_maruyama and pc, the posterior mean for ddpm and ddim,
-the ODE solution for ode_heun and dpmpp_2m). At t_eps = 1e-3, σ(t_eps) ≈ 0.004 for the default
-schedule, so no extra network pass for x̂₀ is spent.
+No sampler adds noise on its final step. What each returns, for the grid T = t_0 > … > t_N = t_eps:
+
+  euler_maruyama, pc  Tweedie's x̂₀ = (x − σε)/α at t_{N−1}, of the state the next-to-last step
+      reached: it replaces the last reverse-SDE step, costs no extra network pass, and is EDM's
+      last step (an Euler step of the ODE to σ = 0 is x̂₀). pc runs no corrector there: its Langevin
+      noise would stay in the output. The noise-free Euler step to t_eps that x̂₀ replaces
+      overshoots: it scales the residual noise σn by 1 − g²h/σ², about −0.7 at 100 linear steps
+      (g²h/σ² ≈ 1.7). The noisy step to t_eps followed by x̂₀ at t_eps (one extra pass) is worse:
+      x̂₀ at t_eps removes noise of size σ(t_eps) ≈ 0.004, that step adds g√h ≈ 0.035 (100 steps).
+  ddpm                the ancestral step to t_eps without its noise: the mean of
+                      q(x_{t_eps} | x_{t_{N−1}}, x̂₀).
+  ddim                the DDIM step to t_eps without its noise: √ᾱ x̂₀ + √(1 − ᾱ − σ_η²) ε.
+  ode_heun, dpmpp_2m  the probability-flow ODE's numerical solution at t_eps.
+
+σ(t_eps) ≈ 0.004 at t_eps = 1e-3 for the default schedule, so a state at t_eps is as clean as
+x̂₀ to the eye. `sample()` takes t_eps; sample.py and train.py's grids pass the score network's
+training t_eps.
 
 `traj` (when save_every > 0) stacks the state every `save_every` steps: shape
 (steps // save_every + 1, B, ...), traj[0] = x_T and traj[k] the state after k·save_every steps,
@@ -31,7 +45,7 @@ from jaxguide import guidance
 from jaxguide.errors import ConfigError
 from jaxguide.parallel import batch_sharding, local_batch_mesh
 from jaxguide.score import EpsFn, eps_to_score, eps_to_x0
-from jaxguide.sde import VPSDE, broadcast_to_data
+from jaxguide.sde import SPACINGS, VPSDE, broadcast_to_data
 
 Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0] is x
 
@@ -69,15 +83,24 @@ def _batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
-  """Euler–Maruyama on the reverse SDE dx = [f − g² score] dt + g dW̄ (the reference tutorial's)."""
+  """Euler–Maruyama on the reverse SDE dx = [f − g² score] dt + g dW̄ (the reference tutorial's).
+
+  The last step is Tweedie's x̂₀ at its start time (see the module docstring).
+  """
   def step(carry, t, t_next, key, last):
     (x,) = carry
     tb, h = _batch_t(t, x), t - t_next                    # h > 0: we integrate backwards in time
-    g = broadcast_to_data(sde.diffusion(tb), x)
-    mean = x + (g**2 * eps_to_score(sde, eps_fn(x, tb, y), tb) - sde.drift(x, tb)) * h
-    noise = jnp.where(last, 0.0, g * jnp.sqrt(h)) * jax.random.normal(key, x.shape, x.dtype)
-    return (mean + noise,)
+    eps = eps_fn(x, tb, y)
+    x_next = _reverse_sde_step(sde, x, eps, tb, h, key)
+    return (jnp.where(last, eps_to_x0(sde, x, eps, tb), x_next),)
   return _scan(step, (x,), times, key, save_every)
+
+
+def _reverse_sde_step(sde: VPSDE, x, eps, tb, h, key):
+  """x + [g² score − f] h + g √h z: one Euler–Maruyama step of the reverse SDE, back by h."""
+  g = broadcast_to_data(sde.diffusion(tb), x)
+  mean = x + (g**2 * eps_to_score(sde, eps, tb) - sde.drift(x, tb)) * h
+  return mean + g * jnp.sqrt(h) * jax.random.normal(key, x.shape, x.dtype)
 
 
 def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
@@ -86,7 +109,7 @@ def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
 
   The Langevin step size 2 α_i (snr ‖z‖ / ‖score‖)² uses norms averaged over the batch, as
   score_sde does: per-sample norms blow the step up wherever a score vanishes (a mode's centre),
-  which low-dimensional data hits often.
+  which low-dimensional data hits often. The last step is x̂₀ at its start time, uncorrected.
   """
   def langevin(x, tb, alpha, key):
     score = eps_to_score(sde, eps_fn(x, tb, y), tb)
@@ -100,12 +123,15 @@ def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
     tb, h = _batch_t(t, x), t - t_next
     alpha = jnp.exp(2 * (sde.log_alpha(t) - sde.log_alpha(t_next)))  # 1 − β_i of the discrete chain
     keys = jax.random.split(key, corrector_steps + 1)
+    corrected = x
     for k in keys[:-1]:                                   # unrolled: corrector_steps is small
-      x = langevin(x, tb, alpha, k)
-    g = broadcast_to_data(sde.diffusion(tb), x)
-    mean = x + (g**2 * eps_to_score(sde, eps_fn(x, tb, y), tb) - sde.drift(x, tb)) * h
-    noise = jnp.where(last, 0.0, g * jnp.sqrt(h)) * jax.random.normal(keys[-1], x.shape, x.dtype)
-    return (mean + noise,)
+      corrected = langevin(corrected, tb, alpha, k)
+    # The last step has no corrector: its Langevin noise would be left in the output. jnp.where,
+    # not lax.cond: the scan body is shared, so the corrector costs the same either way.
+    x = jnp.where(last, x, corrected)
+    eps = eps_fn(x, tb, y)
+    x_next = _reverse_sde_step(sde, x, eps, tb, h, keys[-1])
+    return (jnp.where(last, eps_to_x0(sde, x, eps, tb), x_next),)
   return _scan(step, (x,), times, key, save_every)
 
 
@@ -203,10 +229,13 @@ SAMPLERS: dict[str, Callable] = {
 
 def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y: jax.Array,
            sampler: str = "euler_maruyama", steps: int = 1000, *, t_eps: float = 1e-3,
-           return_trajectory: bool = False, save_every: int = 50, clip_x0: Optional[float] = None,
-           dynamic_threshold: Optional[float] = None, **sampler_kwargs):
+           spacing: str = "linear", return_trajectory: bool = False, save_every: int = 50,
+           clip_x0: Optional[float] = None, dynamic_threshold: Optional[float] = None,
+           **sampler_kwargs):
   """Draws x0 (shape) from x_T ~ N(0, I) with `sampler` over `steps` steps from T to t_eps.
 
+  `spacing` is the time grid's (`VPSDE.time_grid`): "linear" in t or "logsnr" (uniform in λ);
+  t_eps is best the score network's training t_eps (it never saw smaller times).
   Returns x0, or (x0, traj) with `return_trajectory` (traj: see the module docstring).
   `clip_x0=c` clips x̂₀ to [−c, c]; `dynamic_threshold=p` is Imagen's with quantile p (0.995);
   `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta).
@@ -214,7 +243,7 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   `jax.jit(functools.partial(sample, eps_fn=g, sde=sde, shape=s, sampler="ddim", steps=50))
   (key, y=y)`. When the local devices divide the batch, x_T and y are sharded over them.
   """
-  fn = _check(sampler, steps, shape, y, return_trajectory, save_every, sampler_kwargs)
+  fn = _check(sampler, steps, spacing, shape, y, return_trajectory, save_every, sampler_kwargs)
   if dynamic_threshold is not None:
     eps_fn = guidance.dynamic_threshold(eps_fn, sde, dynamic_threshold)
   if clip_x0 is not None:
@@ -226,20 +255,22 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   if mesh is not None:
     # A constraint, not device_put: it works under jit too, and jit propagates it to the loop.
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
-  times = sde.time_grid(steps, t_eps)
+  times = sde.time_grid(steps, t_eps, spacing)
   x0, traj = fn(key_loop, eps_fn, sde, x, y, times,
                 save_every=save_every if return_trajectory else 0, **sampler_kwargs)
   return (x0, traj) if return_trajectory else x0
 
 
-def _check(sampler: str, steps: int, shape, y, return_trajectory: bool, save_every: int,
-           sampler_kwargs: dict) -> Callable:
+def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: bool,
+           save_every: int, sampler_kwargs: dict) -> Callable:
   """Validates `sample`'s arguments with one-line ConfigErrors; returns the sampler function."""
   if sampler not in SAMPLERS:
     raise ConfigError(f"sampler={sampler!r} is not known: use one of {', '.join(SAMPLERS)}")
   if not isinstance(steps, numbers.Integral) or steps < 1:
     raise ConfigError(f"steps={steps!r}: the number of sampling steps must be an int >= 1 "
                       "(e.g. steps=100)")
+  if spacing not in SPACINGS:
+    raise ConfigError(f"spacing={spacing!r} is not known: use one of {', '.join(SPACINGS)}")
   if return_trajectory and (not isinstance(save_every, numbers.Integral) or save_every < 1):
     raise ConfigError(f"save_every={save_every!r} must be an int >= 1 (e.g. save_every=50)")
   if jnp.shape(y) != tuple(shape[:1]):

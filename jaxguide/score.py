@@ -3,11 +3,14 @@
 The networks predict ε. For x_t = α x₀ + σ ε:
     score(x, t) = ∇ₓ log p_t(x) = −ε(x, t) / σ(t)
     x̂₀(x, t)   = (x − σ(t) ε(x, t)) / α(t)
+A network may instead be trained to predict v = α ε − σ x₀ (Salimans & Ho 2022); `VPrediction`
+wraps it so that it still returns ε = α v + σ x, and nothing downstream changes.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -49,3 +52,27 @@ def eps_to_x0(sde: VPSDE, x: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Arr
 def x0_to_eps(sde: VPSDE, x: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
   alpha, sigma = sde.marginal_coeffs(t)
   return (x - broadcast_to_data(alpha, x) * x0) / broadcast_to_data(sigma, x)
+
+
+def v_to_eps(sde: VPSDE, x: jax.Array, v: jax.Array, t: jax.Array) -> jax.Array:
+  """ε = α v + σ x for v = α ε − σ x₀ (α² + σ² = 1)."""
+  alpha, sigma = sde.marginal_coeffs(t)
+  return broadcast_to_data(alpha, x) * v + broadcast_to_data(sigma, x) * x
+
+
+class VPrediction(nn.Module):
+  """A (x, t, y) network read as a v-prediction, returned as ε.
+
+  v-prediction is EDM's preconditioning for the VP-SDE with σ_data = 1 (c_skip = α², c_out = σ,
+  c_in = 1): the network's target has unit variance at every noise level, while an ε-network at
+  high noise must output ε ≈ x_t plus a correction of size α that carries all of the content (and
+  the label). Its parameters sit under 'net'.
+  """
+
+  net: nn.Module
+  sde: VPSDE
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
+    v = self.net(x, t, y, train=train)
+    return v_to_eps(self.sde, x.astype(jnp.float32), v, t)

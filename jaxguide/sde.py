@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from jaxguide.errors import ConfigError
 
+SPACINGS = ("linear", "logsnr")   # time_grid's spacings
+
 
 def broadcast_to_data(v: jax.Array, x: jax.Array) -> jax.Array:
   """Reshapes a per-sample (B,) or scalar array so that it broadcasts against x of shape (B, ...)."""
@@ -80,13 +82,35 @@ class VPSDE:
     """g(t) = √β(t), with the shape of t."""
     return jnp.sqrt(self.beta(t))
 
-  def time_grid(self, steps: int, t_eps: float = 1e-3) -> jax.Array:
-    """steps + 1 decreasing times from T to t_eps: the discretisation every sampler walks."""
+  def log_snr_inverse(self, log_snr: jax.Array) -> jax.Array:
+    """The time t with λ(t) = log_snr, in closed form: the inverse of `log_snr`.
+
+    α² = sigmoid(λ) gives L = log α = −½ softplus(−λ); log α(t) = L is the quadratic
+    ¼Δ t² + ½β_min t + L = 0 (Δ = β_max − β_min), whose positive root is written as
+    t = −4L / (β_min + √(β_min² − 4ΔL)) so that it keeps its digits for small t (and Δ → 0).
+    """
+    log_alpha = -0.5 * jax.nn.softplus(-jnp.asarray(log_snr, jnp.float32))
+    delta = self.beta_max - self.beta_min
+    return -4.0 * log_alpha / (self.beta_min + jnp.sqrt(self.beta_min**2 - 4.0 * delta * log_alpha))
+
+  def time_grid(self, steps: int, t_eps: float = 1e-3, spacing: str = "linear") -> jax.Array:
+    """steps + 1 decreasing times from T to t_eps: the discretisation every sampler walks.
+
+    spacing="linear" spaces the times uniformly in t; "logsnr" spaces λ(t) = log(α²/σ²) uniformly
+    between λ(T) and λ(t_eps) (DPM-Solver's "logSNR" grid), which puts more steps near t_eps.
+    """
     if steps < 1:
       raise ConfigError(f"steps={steps}: the number of sampling steps must be >= 1 (e.g. --steps 100)")
-    return jnp.linspace(self.T, t_eps, steps + 1)
+    if spacing == "linear":
+      return jnp.linspace(self.T, t_eps, steps + 1)
+    if spacing != "logsnr":
+      raise ConfigError(f"spacing={spacing!r} is not known: use one of {', '.join(SPACINGS)}")
+    lam = jnp.linspace(self.log_snr(self.T), self.log_snr(t_eps), steps + 1)
+    # The endpoints are set exactly: the round trip t -> λ -> t is only float32-accurate.
+    return self.log_snr_inverse(lam).at[0].set(self.T).at[-1].set(t_eps)
 
-  def discrete_alphas_cumprod(self, steps: int, t_eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+  def discrete_alphas_cumprod(self, steps: int, t_eps: float = 1e-3,
+                              spacing: str = "linear") -> tuple[jax.Array, jax.Array]:
     """(times, ᾱ at those times) on `time_grid`: the discrete schedule for ddpm and ddim."""
-    times = self.time_grid(steps, t_eps)
+    times = self.time_grid(steps, t_eps, spacing)
     return times, self.alpha_bar(times)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cli_test import assert_one_line_error, copy_without, tree_hash
-from jaxguide import evaluate, pipeline, sample_lib, train_lib
+from diagnose_test import _untrained_workdir
+from jaxguide import evaluate, pipeline, sample_lib, samplers, train_lib
 from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,9 +119,9 @@ def test_sweep_report_rows(toy_workdir):
 
 def flags_ns(**kw):
   base = {"guidance": None, "scale": None, "clf_scale": None, "sampler": None, "steps": None,
-          "num_per_class": None, "labels": None, "seed": 0, "batch_size": 1000, "gif": False,
-          "evaluate": False, "eta": None, "snr": None, "clip_x0": None, "guide_conditional": False,
-          "rescale": 0.0, "interval": None}
+          "spacing": None, "num_per_class": None, "labels": None, "seed": 0, "batch_size": 1000,
+          "gif": False, "evaluate": False, "raw": False, "eta": None, "snr": None, "clip_x0": None,
+          "guide_conditional": False, "rescale": 0.0, "interval": None}
   return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -190,6 +191,8 @@ BAD_SAMPLE = [
     ("scale of an unguided kind", None, ["--guidance=cfg", "--scale=classifier=4"], "--guidance"),
     ("scale listed twice", None, ["--scale=cfg=1,1"], "--scale"),
     ("two lists without a kind", None, ["--scale=1", "--scale=3"], "--scale"),
+    ("unknown spacing", None, ["--spacing=cosine"], "--spacing"),
+    ("negative clip_x0", None, ["--clip_x0=-1"], "--clip_x0"),
 ]
 
 
@@ -200,3 +203,65 @@ def test_bad_sample_input(case, make, args, needle, toy_workdir, tmp_path):
   res = run_sample(f"--workdir={workdir}", *args)
   assert_one_line_error(res, needle)
   assert tree_hash(workdir) == before
+
+
+@pytest.fixture(scope="module")
+def image_workdir(tmp_path_factory):
+  """An untrained 8×8 image workdir (random weights: its samples leave [−1, 1] when unclipped)
+  whose score network trained with its own t_eps, 0.02 (config.train.t_eps stays 1e-3)."""
+  from configs import mnist
+  c = mnist.get_config("quick")
+  c.models = "score"
+  c.score.model.update({"ch": 4, "ch_mult": (1,), "groups": 2})
+  c.score.train.t_eps = 0.02
+  c.sample.update({"steps": 3, "num_per_class": 1})
+  return _untrained_workdir(tmp_path_factory.mktemp("img") / "run", c, (8, 8, 1), 10)
+
+
+def test_config_sampling_defaults(toy_workdir, image_workdir):
+  """spacing and clip_x0 come from config.sample unless the flags set them; t_eps from the score
+  network's training config."""
+  image, toy = pipeline.load_run(image_workdir), pipeline.load_run(toy_workdir)
+  assert image.t_eps == 0.02 and toy.t_eps == toy.config.train.t_eps == 1e-3
+  def complete(run, **flags):
+    return sample_lib.complete_request(sample_lib.request_from_flags(flags_ns(**flags)), run)
+  req = complete(image)
+  assert (req.spacing, req.options) == ("linear", {"clip_x0": 1.0})   # image presets clip x̂₀
+  req = complete(image, clip_x0=0.0, spacing="logsnr")
+  assert (req.spacing, req.options) == ("logsnr", {})
+  assert complete(image, clip_x0=2.0).options == {"clip_x0": 2.0}
+  assert complete(toy).options == {}                                   # toy2d does not
+  assert complete(toy, clip_x0=1.0).options == {"clip_x0": 1.0}
+
+
+def test_generate_stops_at_the_score_t_eps(image_workdir):
+  run = pipeline.load_run(image_workdir)
+  y, key = np.arange(2, dtype=np.int32), jax.random.PRNGKey(0)
+  x = pipeline.generate(run, key, y, np.full(2, 3.0, np.float32), kind="cfg", sampler="ddim",
+                        steps=3)
+  g = pipeline.guided_eps_fn(run, run.params, "cfg", 3.0)
+  direct = lambda t_eps: samplers.sample(jax.random.fold_in(key, 0), g, run.sde, (2, 8, 8, 1), y,
+                                         "ddim", 3, t_eps=t_eps)
+  np.testing.assert_allclose(x, direct(0.02), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(x, direct(1e-3), rtol=1e-4, atol=1e-4)
+
+
+def test_images_written_in_range_unless_raw(image_workdir, tmp_path):
+  # x̂₀ clipping off, so only the final clip keeps the written images in [−1, 1].
+  common = [f"--workdir={image_workdir}", "--guidance=cfg", "--labels=0,1", "--clip_x0=0"]
+  run = pipeline.load_run(image_workdir)
+  req = sample_lib.complete_request(sample_lib.request_from_flags(flags_ns(
+      guidance="cfg", labels="0,1", clip_x0=0.0)), run)
+  sample_lib.sample_and_write(run, req, sample_lib.prepare_out(str(tmp_path / "clipped")))
+  res = run_sample(*common, "--raw", "--spacing=logsnr", f"--out={tmp_path / 'raw'}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert json.loads(res.stdout)["request"]["spacing"] == "logsnr"
+  res = run_sample(*common, f"--out={tmp_path / 'raw_linear'}", "--raw")
+  assert res.returncode == 0, res.stderr[-3000:]
+  with np.load(tmp_path / "clipped" / "samples.npz") as f, \
+       np.load(tmp_path / "raw_linear" / "samples.npz") as g:
+    clipped, raw = f["image"], g["image"]
+  assert clipped.shape == raw.shape == (2, 8, 8, 1)
+  assert np.abs(raw).max() > 1.0 and np.abs(clipped).max() <= 1.0
+  np.testing.assert_allclose(clipped, np.clip(raw, -1.0, 1.0), rtol=1e-5, atol=1e-5)
+  assert os.path.exists(tmp_path / "clipped" / "grid_cfg_s3.png")

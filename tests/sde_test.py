@@ -101,6 +101,32 @@ class VPSDETest(chex.TestCase, parameterized.TestCase):
     with self.assertRaises(ConfigError):
       sde.time_grid(0)
 
+  @parameterized.parameters((0.01, 10.0), (0.1, 20.0), (0.0, 5.0))
+  def test_log_snr_inverse(self, beta_min, beta_max):
+    # The closed-form root of the quadratic in t inverts λ(t) = log(α²/σ²), small t included
+    # (β_min = 0 takes the quadratic's other limit).
+    sde = jg.VPSDE(beta_min, beta_max)
+    t = jnp.geomspace(1e-4, 1.0, 200)
+    np.testing.assert_allclose(sde.log_snr_inverse(sde.log_snr(t)), t, rtol=1e-5)
+    lam = jnp.linspace(-10.0, 15.0, 101)
+    np.testing.assert_allclose(sde.log_snr(sde.log_snr_inverse(lam)), lam, atol=1e-4)
+
+  @parameterized.parameters((0.01, 10.0, 1e-3, 10), (0.1, 20.0, 1e-5, 37))
+  def test_logsnr_time_grid(self, beta_min, beta_max, t_eps, steps):
+    sde = jg.VPSDE(beta_min, beta_max)
+    times = sde.time_grid(steps, t_eps, spacing="logsnr")
+    chex.assert_shape(times, (steps + 1,))
+    self.assertEqual(float(times[0]), sde.T)
+    self.assertEqual(float(times[-1]), np.float32(t_eps))
+    self.assertTrue(bool(jnp.all(jnp.diff(times) < 0)))
+    gaps = np.diff(np.asarray(sde.log_snr(times), np.float64))
+    expected = (float(sde.log_snr(t_eps)) - float(sde.log_snr(sde.T))) / steps
+    np.testing.assert_allclose(gaps, expected, rtol=1e-4)   # λ is uniform on the grid
+    t2, _ = sde.discrete_alphas_cumprod(steps, t_eps, spacing="logsnr")
+    chex.assert_trees_all_equal(t2, times)
+    with self.assertRaisesRegex(ConfigError, "spacing='cosine' is not known"):
+      sde.time_grid(steps, t_eps, spacing="cosine")
+
   def test_is_a_pytree_through_jit(self):
     f = jax.jit(lambda s, t: s.marginal_coeffs(t)[0])
     a1 = f(jg.VPSDE(0.01, 10.0), jnp.float32(0.5))

@@ -1,0 +1,108 @@
+"""Sample quality of a trained workdir, as docs/quality.md reports it: accuracy under the workdir's
+evaluator and under a second, independently trained judge, and the Fréchet distance read against
+its same-size floor, for the conditional network alone and for both guidance kinds over scales.
+
+  python benchmarks/quality.py --workdir runs/mnist --judge runs/judge --num_per_class 50 \
+      --scale none=1 --scale cfg=1.5,2,3 --scale classifier=1,2,4 --json runs/mnist/quality.json
+
+`none` is the conditional network as trained (CFG at s = 1, one network pass). The judge workdir
+holds only an evaluator: `python train.py --config configs/mnist.py:judge --workdir runs/judge`.
+Every kind and scale is drawn with the same key, DDIM with the run's sampling defaults unless
+--sampler / --steps say otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxguide import checkpoint, config_lib, evaluate, pipeline  # noqa: E402
+
+
+def judge_of(workdir: str, run: pipeline.Run) -> evaluate.Judge:
+  """A Judge from another workdir's evaluator, on the run's own data splits."""
+  config = checkpoint.load_config(workdir)
+  model = config_lib.build_model(config.evaluator.model, run.num_classes, jnp.float32)
+  params = pipeline._restore_ema(workdir, "evaluator", model,
+                                 config_lib.example_inputs("evaluator", run.shape))
+  if params is None:
+    raise SystemExit(f"error: --judge={workdir} has no evaluator checkpoint")
+  own = evaluate.run_judge(run)
+  return evaluate.Judge(evaluate.make_predict(model.apply, params), own.test, own.train)
+
+
+def parse_scales(entries: list[str]) -> dict[str, list[float]]:
+  out = {}
+  for entry in entries:
+    kind, _, values = entry.partition("=")
+    out[kind] = [float(v) for v in values.split(",")]
+  return out
+
+
+def summarise(rows: list[dict], floor: float) -> dict[str, dict]:
+  """Per kind: the best-accuracy scale with its FD/floor, and the best FD/floor anywhere."""
+  out = {}
+  for kind in dict.fromkeys(r["guidance"] for r in rows):
+    mine = [r for r in rows if r["guidance"] == kind]
+    best = max(mine, key=lambda r: (r["accuracy"], -r["frechet_distance"]))
+    out[kind] = {"best_acc_scale": best["scale"], "best_acc": best["accuracy"],
+                 "fd_ratio_at_best_acc": best["frechet_distance"] / floor,
+                 "best_fd_ratio": min(r["frechet_distance"] for r in mine) / floor}
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--judge", default=None, help="workdir of a second, independent evaluator")
+  p.add_argument("--scale", action="append", default=None, help="KIND=LIST, repeatable")
+  p.add_argument("--num_per_class", type=int, default=50)
+  p.add_argument("--sampler", default=None)
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", default=None)
+  args = p.parse_args()
+  scales = parse_scales(args.scale or ["none=1", "cfg=2,3", "classifier=2,4"])
+  run = pipeline.load_run(args.workdir)
+  sc = run.config.sample
+  opts = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps}
+  for field in ("clip_x0", "spacing"):
+    if field in sc and sc[field]:
+      opts[field] = sc[field]
+  start = time.perf_counter()
+  samples = evaluate.draw(run, jax.random.PRNGKey(args.seed), scales, list(range(run.num_classes)),
+                          args.num_per_class, **opts)
+  if run.shape[-1] in (1, 3) and opts.get("clip_x0"):
+    samples = [s.__class__(**{**s.__dict__, "images": np.clip(s.images, -1, 1)}) for s in samples]
+  sample_s = time.perf_counter() - start
+  judges = {"evaluator": evaluate.run_judge(run)}
+  if args.judge:
+    judges["judge2"] = judge_of(args.judge, run)
+  result = {"workdir": args.workdir, "options": opts, "num_per_class": args.num_per_class,
+            "sample_s": sample_s}
+  for name, judge in judges.items():
+    rows, ref = evaluate.measure(judge, samples)
+    result[name] = {"floor": ref["floor"], "rows": rows, "summary": summarise(rows, ref["floor"])}
+    test_acc = float(np.mean(judge.predict(judge.test.image)[0] == judge.test.label))
+    result[name]["test_accuracy"] = test_acc
+    print(f"[{name}] test accuracy {test_acc:.4f}, FD floor {ref['floor']:.2f} (n={ref['n_samples']})")
+    for r in rows:
+      print(f"  {r['guidance']:>10} {r['scale']:>6g}  acc {r['accuracy']:.3f}  worst {r['worst_class']} "
+            f"({r['worst_class_accuracy']:.2f})  FD {r['frechet_distance']:8.2f} "
+            f"({r['frechet_distance'] / ref['floor']:.2f}x)  div {r['diversity']:.2f}")
+  print(f"sampling {sample_s:.0f} s")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+  main()
