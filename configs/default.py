@@ -31,6 +31,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.score.p_uncond = 0.1           # label dropout: one network learns ε(x,t,y) and ε(x,t,∅)
   c.score.weighting = "eps"        # per-sample loss weight w(t): eps | v | min_snr (losses.py)
   c.score.min_snr_gamma = 5.0
+  c.score.t_sampling = "uniform"   # uniform t, or logsnr_normal: λ(t) ~ N(logsnr_mean, logsnr_std²)
+  c.score.logsnr_mean = 0.0
+  c.score.logsnr_std = 3.0
   c.score.train = ml_collections.ConfigDict({"steps": steps})
 
   c.classifier = ml_collections.ConfigDict()

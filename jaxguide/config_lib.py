@@ -97,6 +97,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(w in losses.WEIGHTINGS, "score.weighting", w, f"use one of {losses.WEIGHTINGS}")
     g = config.score.get("min_snr_gamma", 5.0)
     _check(isinstance(g, (int, float)) and g > 0, "score.min_snr_gamma", g, "must be positive, e.g. 5")
+    ts = config.score.get("t_sampling", "uniform")
+    _check(ts in losses.T_SAMPLINGS, "score.t_sampling", ts, f"use one of {losses.T_SAMPLINGS}")
+    std, mean = config.score.get("logsnr_std", 3.0), config.score.get("logsnr_mean", 0.0)
+    _check(isinstance(std, (int, float)) and 0 < std < math.inf, "score.logsnr_std", std,
+           "must be a positive finite number, e.g. 3")
+    _check(isinstance(mean, (int, float)) and math.isfinite(mean), "score.logsnr_mean", mean,
+           "must be a finite number, e.g. 0")
     param = config.score.model.get("param", "eps")
     _check(param in PARAMS, "score.model.param", param, f"use one of {PARAMS}")
 
@@ -206,7 +213,10 @@ def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> M
     loss = losses.make_eps_loss(model.apply, sde, num_classes=train_ds.num_classes,
                                 p_uncond=config.score.p_uncond, t_eps=tc.t_eps,
                                 weighting=config.score.get("weighting", "eps"),
-                                min_snr_gamma=config.score.get("min_snr_gamma", 5.0))
+                                min_snr_gamma=config.score.get("min_snr_gamma", 5.0),
+                                t_sampling=config.score.get("t_sampling", "uniform"),
+                                logsnr_mean=config.score.get("logsnr_mean", 0.0),
+                                logsnr_std=config.score.get("logsnr_std", 3.0))
   elif name == "classifier":
     loss = losses.make_noisy_classifier_loss(model.apply, sde, t_eps=tc.t_eps)
   else:

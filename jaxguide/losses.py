@@ -29,6 +29,23 @@ def sample_times(key: jax.Array, n: int, t_eps: float) -> jax.Array:
   return jax.random.uniform(key, (n,), minval=t_eps, maxval=1.0)
 
 
+def sample_times_logsnr_normal(key: jax.Array, sde: VPSDE, n: int, t_eps: float,
+                               mean: float, std: float) -> jax.Array:
+  """t whose log-SNR λ(t) is normal N(mean, std²) truncated to [λ(1), λ(t_eps)] (EDM's log-normal
+  σ: ln σ_EDM = −λ/2, so EDM's P_mean = −1.2, P_std = 1.2 is mean = 2.4, std = 2.4). Drawn by
+  the inverse CDF, so the truncation puts no mass at the ends; in the mirrored tail when the
+  interval lies above the mean, where float32's Φ would round to 1."""
+  a, b = ((sde.log_snr(v) - mean) / std for v in (sde.T, t_eps))
+  sign = jnp.where(a + b > 0, -1.0, 1.0)
+  ends = jax.scipy.special.ndtr(sign * jnp.stack([a, b]))
+  u = jax.random.uniform(key, (n,), minval=jnp.min(ends), maxval=jnp.max(ends))
+  z = sign * jax.scipy.special.ndtri(u)
+  return jnp.clip(sde.log_snr_inverse(mean + std * z), t_eps, sde.T)
+
+
+T_SAMPLINGS = ("uniform", "logsnr_normal")
+
+
 def drop_labels(key: jax.Array, y: jax.Array, p_uncond: float, null_label: int) -> jax.Array:
   """Replaces each label by the null label with probability p_uncond."""
   drop = jax.random.bernoulli(key, p_uncond, y.shape)
@@ -52,16 +69,25 @@ WEIGHTINGS = ("eps", "v", "min_snr")
 
 def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes: int,
                   p_uncond: float = 0.1, t_eps: float = 1e-3, weighting: str = "eps",
-                  min_snr_gamma: float = 5.0) -> LossFn:
+                  min_snr_gamma: float = 5.0, t_sampling: str = "uniform",
+                  logsnr_mean: float = 0.0, logsnr_std: float = 3.0) -> LossFn:
   """Weighted mean squared error between the predicted and the true noise, labels dropped at
-  p_uncond. The metric `eps_mse` is the unweighted error, comparable across weightings."""
+  p_uncond, at times t ~ U(t_eps, 1) or with a truncated-normal log-SNR (`t_sampling`). The
+  metric `eps_mse` is the unweighted error, comparable across weightings."""
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r}: use one of {WEIGHTINGS}")
+  if t_sampling not in T_SAMPLINGS:
+    raise ValueError(f"t_sampling={t_sampling!r}: use one of {T_SAMPLINGS}")
+
+  def draw_times(key, n):
+    if t_sampling == "uniform":
+      return sample_times(key, n, t_eps)
+    return sample_times_logsnr_normal(key, sde, n, t_eps, logsnr_mean, logsnr_std)
 
   def loss_fn(params, batch, key):
     x0, y = batch["image"], batch["label"]
     k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 4)
-    t = sample_times(k_t, x0.shape[0], t_eps)
+    t = draw_times(k_t, x0.shape[0])
     x_t, eps = sde.perturb(k_noise, x0, t)
     y_in = drop_labels(k_drop, y, p_uncond, num_classes)
     pred = apply_fn({"params": params}, x_t, t, y_in, train=True, rngs={"dropout": k_dropout})

@@ -295,3 +295,102 @@ class GroupNormTest(chex.TestCase, parameterized.TestCase):
       nets.GroupNorm(4).init(jax.random.PRNGKey(0), x)
     with self.assertRaisesRegex(ConfigError, "impl='fast'"):
       nets.GroupNorm(3, impl="fast").init(jax.random.PRNGKey(0), x)
+
+
+def _responds(apply, variables, x, t, y, *, t_alt=None, y_alt=None, tol=1e-5) -> bool:
+  """Whether every sample's output changes when only t (to t_alt) or only y (to y_alt) changes:
+  the check that time and labels reach an (x, t, y) network."""
+  base = apply(variables, x, t, y)
+  other = apply(variables, x, t if t_alt is None else t_alt, y if y_alt is None else y_alt)
+  per_sample = jnp.abs(base - other).reshape(base.shape[0], -1).max(axis=-1)
+  return bool(jnp.all(per_sample > tol))
+
+
+def _perturbed(variables, scale=0.05, seed=0):
+  """A real init with small noise added to every leaf (the UNet's zero conv_out hides y and t)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), variables)
+
+
+class ConditioningTest(chex.TestCase):
+  """Labels and time reach the ε-networks; a network that ignores them fails the same check."""
+
+  def _check(self, model, shape, num_classes):
+    x, t, _ = _inputs(shape)
+    y = jnp.arange(shape[0], dtype=jnp.int32) % num_classes
+    apply = jax.jit(model.apply)
+    variables = _perturbed(_init(model, x, t, y))
+    self.assertTrue(_responds(apply, variables, x, t, y, y_alt=(y + 1) % num_classes))
+    self.assertTrue(_responds(apply, variables, x, t, y, y_alt=jnp.full_like(y, num_classes)))  # ∅
+    self.assertTrue(_responds(apply, variables, x, t, y, t_alt=1.0 - 0.5 * t))
+    return apply, variables, (x, t, y)
+
+  def test_unet_reads_labels_and_time(self):
+    model = nets.UNet(K, ch=8, ch_mult=(1, 2), groups=4)
+    apply, variables, (x, t, y) = self._check(model, SMALL, K)
+    # The unperturbed init answers 0 everywhere (zero conv_out): the check must fail on it.
+    fresh = _init(model, x, t, y)
+    self.assertFalse(_responds(apply, fresh, x, t, y, y_alt=(y + 1) % K))
+    self.assertFalse(_responds(apply, fresh, x, t, y, t_alt=1.0 - 0.5 * t))
+
+  def test_mlp_reads_labels_and_time(self):
+    self._check(nets.MLP(4, hidden=16, depth=2), (6, 2), 4)
+
+  def test_check_rejects_networks_that_ignore_y_or_t(self):
+    x, t, y = _inputs((4, 3))
+    ignores_y = lambda v, x, t, y: v["w"] * x * t[:, None]
+    ignores_t = lambda v, x, t, y: v["w"] * x + y[:, None]
+    reads_one_sample = lambda v, x, t, y: x + (jnp.arange(4) == 0)[:, None] * y[:, None]
+    v = {"w": 2.0}
+    self.assertFalse(_responds(ignores_y, v, x, t, y, y_alt=y + 1))
+    self.assertTrue(_responds(ignores_y, v, x, t, y, t_alt=t + 0.1))
+    self.assertFalse(_responds(ignores_t, v, x, t, y, t_alt=t + 0.1))
+    self.assertTrue(_responds(ignores_t, v, x, t, y, y_alt=y + 1))
+    self.assertFalse(_responds(reads_one_sample, v, x, t, y, y_alt=y + 1))   # every sample
+
+
+class LeNetStagesTest(chex.TestCase):
+
+  def _tree(self, convs_per_stage):
+    model = nets.LeNet(num_classes=K, convs_per_stage=convs_per_stage)
+    x = jnp.zeros((2, 28, 28, 1))
+    shapes = jax.eval_shape(model.init, _key(0), x)["params"]
+    return model, x, jax.tree_util.tree_map(lambda s: s.shape, shapes)
+
+  def test_one_conv_per_stage_keeps_the_old_tree(self):
+    _, _, tree = self._tree(1)
+    self.assertEqual(set(tree), {"conv_0", "conv_1", "dense_0", "head"})
+    self.assertEqual(tree["conv_0"], {"kernel": (3, 3, 1, 32), "bias": (32,)})
+    self.assertEqual(tree["conv_1"], {"kernel": (3, 3, 32, 64), "bias": (64,)})
+    self.assertEqual(tree["dense_0"], {"kernel": (7 * 7 * 64, 128), "bias": (128,)})
+    self.assertEqual(tree["head"], {"kernel": (128, K), "bias": (K,)})
+    self.assertEqual(nets.LeNet().convs_per_stage, 1)                 # the default
+
+  def test_two_convs_per_stage(self):
+    _, _, tree = self._tree(2)
+    convs = {k: v["kernel"] for k, v in tree.items() if k.startswith("conv")}
+    self.assertLen(convs, 4)
+    # conv32-conv32-pool-conv64-conv64-pool: in order, each conv reads the previous one's width.
+    chain = [convs[k] for k in sorted(convs)]
+    self.assertEqual([k[-1] for k in chain], [32, 32, 64, 64])
+    self.assertEqual([k[-2] for k in chain], [1, 32, 32, 64])
+    self.assertTrue(all(k[:2] == (3, 3) for k in chain))
+    self.assertEqual(set(tree) - set(convs), {"dense_0", "head"})
+    self.assertEqual(tree["dense_0"]["kernel"], (7 * 7 * 64, 128))   # two pools: 28 -> 7
+
+  def test_features_shape_for_both(self):
+    x, _, _ = _inputs((3, 28, 28, 1))
+    for convs_per_stage in (1, 2):
+      model = nets.LeNet(num_classes=K, convs_per_stage=convs_per_stage)
+      variables = _random_variables(model, x)
+      feats = jax.jit(functools.partial(model.apply, method=nets.LeNet.features))(variables, x)
+      logits = jax.jit(model.apply)(variables, x)
+      chex.assert_shape([feats, logits], [(3, 128), (3, K)])
+      chex.assert_type([feats, logits], jnp.float32)
+      chex.assert_tree_all_finite([feats, logits])
+      self.assertTrue(bool(jnp.all(feats >= 0)))                      # penultimate ReLU
+
+  def test_bad_convs_per_stage(self):
+    with self.assertRaisesRegex(ConfigError, r"convs_per_stage=0"):
+      nets.LeNet(convs_per_stage=0)
