@@ -47,6 +47,7 @@ def build(norm: str, part: str, batch: int):
   """(jitted function of (params, key), params) for one GroupNorm and one part of the step."""
   nets.group_norm = {"flax": flax_group_norm, "jaxguide": ORIGINAL_GROUP_NORM}[norm]
   config = mnist.get_config("quick")
+  config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
   unet = config_lib.build_model(config.score.model, 10, jnp.float32)
   clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
   x, t = jnp.zeros((batch, 28, 28, 1)), jnp.full((batch,), 0.5)

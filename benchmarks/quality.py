@@ -30,6 +30,8 @@ from jaxguide import checkpoint, config_lib, evaluate, pipeline  # noqa: E402
 def judge_of(workdir: str, run: pipeline.Run) -> evaluate.Judge:
   """A Judge from another workdir's evaluator, on the run's own data splits."""
   config = checkpoint.load_config(workdir)
+  if config is None:
+    raise SystemExit(f"error: --judge={workdir} holds no trained run (no config.json)")
   model = config_lib.build_model(config.evaluator.model, run.num_classes, jnp.float32)
   params = pipeline._restore_ema(workdir, "evaluator", model,
                                  config_lib.example_inputs("evaluator", run.shape))
@@ -77,15 +79,15 @@ def main() -> None:
   for field in ("clip_x0", "spacing"):
     if field in sc and sc[field]:
       opts[field] = sc[field]
+  judges = {"evaluator": evaluate.run_judge(run)}
+  if args.judge:
+    judges["judge2"] = judge_of(args.judge, run)
   start = time.perf_counter()
   samples = evaluate.draw(run, jax.random.PRNGKey(args.seed), scales, list(range(run.num_classes)),
                           args.num_per_class, **opts)
   if run.shape[-1] in (1, 3) and opts.get("clip_x0"):
     samples = [s.__class__(**{**s.__dict__, "images": np.clip(s.images, -1, 1)}) for s in samples]
   sample_s = time.perf_counter() - start
-  judges = {"evaluator": evaluate.run_judge(run)}
-  if args.judge:
-    judges["judge2"] = judge_of(args.judge, run)
   result = {"workdir": args.workdir, "options": opts, "num_per_class": args.num_per_class,
             "sample_s": sample_s}
   for name, judge in judges.items():

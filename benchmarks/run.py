@@ -786,6 +786,9 @@ def make_bench(args, preset: dict) -> Bench:
     sys.exit(f"--preset gpu needs CUDA in both frameworks: torch sees cuda={torch.cuda.is_available()}, "
              f"jax's backend is {jax.default_backend()!r}")
   config = mnist.get_config(preset["config"])
+  # The bare networks, as the PyTorch ports are: v-prediction's wrapper (score.model.param) is two
+  # elementwise operations on top, the same on both sides.
+  config.score.model.param = "eps"
   mesh = parallel.data_mesh(jax.local_devices())
   flax_nets, params, t_nets = {}, {}, {}
   dummy = jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)

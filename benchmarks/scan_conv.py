@@ -38,6 +38,7 @@ STEPS = 24
 def guided_step(conv_fn):
   nets.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_fn)   # what the modules build
   config = mnist.get_config("quick")
+  config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
   unet = config_lib.build_model(config.score.model, 10, jnp.float32)
   clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
   b = args.batch

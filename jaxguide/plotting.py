@@ -122,6 +122,32 @@ def save_sweep(rows: Sequence[dict], path: str, *, floor: Optional[float] = None
   plt.close(fig)
 
 
+def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[dict] = None,
+                       title: str = "") -> None:
+  """Quality against compute, one point per run: `points` (and the optional `baseline`, drawn
+  apart) are dicts with minutes, acc_s1 (the conditional network alone), best_acc (the best
+  guided scale) and fd_ratio (Fréchet distance ÷ its floor at that scale)."""
+  plt = _pyplot()
+  fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+  pts = sorted(points, key=lambda p: p["minutes"])
+  mins = [p["minutes"] for p in pts]
+  ax_acc.plot(mins, [p["acc_s1"] for p in pts], marker="o", label="s = 1 (no guidance)")
+  ax_acc.plot(mins, [p["best_acc"] for p in pts], marker="s", label="best CFG scale")
+  ax_fd.plot(mins, [p["fd_ratio"] for p in pts], marker="s", label="at the best CFG scale")
+  if baseline is not None:
+    ax_acc.plot([baseline["minutes"]] * 2, [baseline["acc_s1"], baseline["best_acc"]], "x",
+                color="0.3", ms=9, label="previous recipe (s = 1, best)")
+    ax_fd.plot([baseline["minutes"]], [baseline["fd_ratio"]], "x", color="0.3", ms=9,
+               label="previous recipe")
+  ax_acc.set(ylim=(0.0, 1.02), ylabel="accuracy of requested label", xlabel="minutes (train.py wall)")
+  ax_fd.set(yscale="log", ylabel="Fréchet distance ÷ floor", xlabel="minutes (train.py wall)")
+  for ax in (ax_acc, ax_fd):
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  _save_figure(fig, path)
+
+
 # ------------------------------------------------------------- diagnostics (diagnose.py's figures)
 
 _PER_ROW = 8   # panels per row in the across-t figures: 16 times read as two rows of eight
