@@ -166,7 +166,8 @@ def _untrained_workdir(path, config, shape, num_classes):
   rng = np.random.default_rng(0)
   for name in config.models.split(","):
     tc = config_lib.model_train_config(config, name)
-    model = config_lib.build_model(config[name].model, num_classes, jnp.float32)
+    sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+    model = config_lib.build_model(config[name].model, num_classes, jnp.float32, sde)
     make = lambda key: train_lib.create_train_state(
         key, model, config_lib.example_inputs(name, shape), train_lib.make_optimizer(tc),
         tc.ema_decay).checkpoint_tree()

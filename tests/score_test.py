@@ -142,6 +142,7 @@ class BuildModelTest(chex.TestCase):
   def test_param_selects_the_wrapper(self):
     sde = jg.VPSDE()
     c = self._config()
+    c.score.model.param = "eps"
     bare = config_lib.build_model(c.score.model, 10, jnp.float32, sde)
     self.assertIsInstance(bare, nets.UNet)
     self.assertNotIsInstance(bare, score.VPrediction)
