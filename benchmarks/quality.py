@@ -13,6 +13,7 @@ Every kind and scale is drawn with the same key, DDIM with the run's sampling de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxguide import checkpoint, config_lib, evaluate, pipeline  # noqa: E402
+from jaxguide import checkpoint, config_lib, evaluate, pipeline, sample_lib  # noqa: E402
 
 
 def judge_of(workdir: str, run: pipeline.Run) -> evaluate.Judge:
@@ -75,18 +76,17 @@ def main() -> None:
   scales = parse_scales(args.scale or ["none=1", "cfg=2,3", "classifier=2,4"])
   run = pipeline.load_run(args.workdir)
   sc = run.config.sample
-  opts = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps}
-  for field in ("clip_x0", "spacing"):
-    if field in sc and sc[field]:
-      opts[field] = sc[field]
+  # The run's sampling defaults (spacing, clip_x0), exactly as sample.py fills them.
+  opts = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
+          **sample_lib.config_options(run)}
   judges = {"evaluator": evaluate.run_judge(run)}
   if args.judge:
     judges["judge2"] = judge_of(args.judge, run)
   start = time.perf_counter()
   samples = evaluate.draw(run, jax.random.PRNGKey(args.seed), scales, list(range(run.num_classes)),
                           args.num_per_class, **opts)
-  if run.shape[-1] in (1, 3) and opts.get("clip_x0"):
-    samples = [s.__class__(**{**s.__dict__, "images": np.clip(s.images, -1, 1)}) for s in samples]
+  if len(run.shape) == 3:   # images are judged as sample.py writes them: clipped to [−1, 1]
+    samples = [dataclasses.replace(s, images=np.clip(s.images, -1.0, 1.0)) for s in samples]
   sample_s = time.perf_counter() - start
   result = {"workdir": args.workdir, "options": opts, "num_per_class": args.num_per_class,
             "sample_s": sample_s}
