@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as logging_std
 import os
 import sys
 import tempfile
@@ -45,6 +46,46 @@ def _one_line(e: Exception, limit: int = 120) -> str:
   return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
+class _SiblingReadFailures(logging_std.Filter):
+  """asyncio's "Task exception was never retrieved" reports that a failed checkpoint read leaves
+  (its sibling reads' tasks, garbage-collected with their own copy of the failure). While a read
+  is in flight they are held; if the read fails they are dropped, and so is every later one (the
+  remaining siblings are collected at any time up to exit); if it succeeds they are logged as
+  usual. No other asyncio report is touched."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging_std.LogRecord] | None = None
+    self.failed = False
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    if not str(record.msg).startswith("Task exception was never retrieved"):
+      return True
+    if self.failed:
+      return False
+    if self.held is not None:
+      self.held.append(record)
+      return False
+    return True
+
+  @contextlib.contextmanager
+  def reading(self) -> Iterator[None]:
+    self.held = []
+    try:
+      yield
+    except BaseException:
+      self.failed = True
+      raise
+    finally:
+      held, self.held = self.held, None
+      if not self.failed:
+        for record in held:
+          logging_std.getLogger(record.name).handle(record)
+
+
+_SIBLINGS = _SiblingReadFailures()
+
+
 def _ignore_closed_loop_callbacks() -> None:
   """After a failed read (metadata or arrays), the other reads are still in flight; as they
   finish, their callbacks find orbax's event loop closed and each raises RuntimeError('Event loop
@@ -56,6 +97,8 @@ def _ignore_closed_loop_callbacks() -> None:
   previous = sys.unraisablehook
   if getattr(previous, "_jaxguide_filter", False):
     return
+  # The same drops can also surface as asyncio's "Task exception was never retrieved".
+  logging_std.getLogger("asyncio").addFilter(_SIBLINGS)
 
   def hook(unraisable):
     value = unraisable.exc_value
@@ -113,7 +156,8 @@ class Checkpointer:
   def _saved_tree(self, step: int) -> Any:
     """The saved tree of ArrayMetadata; CheckpointError if its metadata is missing or damaged."""
     try:
-      saved = self._manager.item_metadata(step)
+      with _SIBLINGS.reading():
+        saved = self._manager.item_metadata(step)
       tree = getattr(saved, "tree", saved)
       if not jax.tree.leaves(tree):
         raise ValueError("no arrays")
@@ -151,7 +195,8 @@ class Checkpointer:
       self.verify(target, step)
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      with _SIBLINGS.reading():
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:   # damaged array data: tensorstore's decode and read errors
       raise self._error(step, f"is unreadable ({_one_line(e)})") from None
 

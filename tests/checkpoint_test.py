@@ -73,3 +73,31 @@ class CheckpointTest(chex.TestCase):
     finally:
       os.umask(umask)
     self.assertEqual(os.stat(path).st_mode & 0o777, 0o644)
+
+  def test_sibling_read_failures_are_dropped_only_after_a_failed_read(self):
+    """asyncio's "Task exception was never retrieved" from a failed read's siblings is dropped;
+    the same report around a read that succeeds, and any other asyncio report, still reach the
+    handlers."""
+    import logging
+    logger = logging.getLogger("jaxguide_test_asyncio")
+    logger.propagate = False
+    seen = []
+
+    class Keep(logging.Handler):
+      def emit(self, record):
+        seen.append(record.getMessage())
+    logger.addHandler(Keep())
+    siblings = checkpoint._SiblingReadFailures()
+    logger.addFilter(siblings)
+    drop = "Task exception was never retrieved\nfuture: <Task finished>"
+    with siblings.reading():
+      logger.error(drop)
+      self.assertEqual(seen, [])          # held while the read is in flight
+    self.assertEqual(seen, [drop])        # the read succeeded: logged as usual
+    with self.assertRaises(ValueError):
+      with siblings.reading():
+        logger.error(drop)
+        raise ValueError("DATA_LOSS")
+    logger.error(drop)                    # a sibling collected later, e.g. at exit
+    logger.error("some other asyncio report")
+    self.assertEqual(seen, [drop, "some other asyncio report"])
