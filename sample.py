@@ -52,7 +52,8 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
 flags.DEFINE_bool("gif", False, "Also write a GIF of the denoising trajectory.")
 flags.DEFINE_bool("evaluate", False, "Judge the samples with the workdir's evaluator: report.json/.md, sweep.png.")
-flags.DEFINE_bool("guide_conditional", False, "Classifier guidance on ε(x,t,y) instead of ε(x,t,∅).")
+flags.DEFINE_bool("guide_conditional", None, "Classifier guidance on ε(x,t,y) instead of ε(x,t,∅) "
+                  "(--noguide_conditional: ε(x,t,∅)); default: the config's sample.guide_conditional.")
 flags.DEFINE_float("eta", None, "ddim: stochasticity η (0 = deterministic).")
 flags.DEFINE_float("snr", None, "pc: Langevin corrector signal-to-noise ratio.")
 flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = off. Default: the "
@@ -60,6 +61,18 @@ flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = o
 flags.DEFINE_bool("raw", False, "Write image samples as sampled: not clipped to [-1, 1].")
 flags.DEFINE_float("rescale", 0.0, "CFG rescale φ in [0, 1].")
 flags.DEFINE_string("interval", None, "Guide only for t in 'lo,hi'.")
+flags.DEFINE_string("schedule", None, "Every scale as a function of t: constant | linear | cosine "
+                    "(guidance.schedule: the same guidance on average, none at t = 1).")
+flags.DEFINE_integer("negative", None, "--guidance negative: the label to guide away from "
+                     "(default ∅, which is CFG).")
+flags.DEFINE_string("compose", None, "--guidance compose: LABEL:WEIGHT pairs, e.g. 3:1.5,8:-0.5 "
+                    "(ε(∅) + s Σ w (ε(label) − ε(∅)); a negative weight is 'not label').")
+flags.DEFINE_float("apg_eta", None, "--guidance apg: weight η of the update's part parallel to x̂₀ "
+                   "(default 0; 1 with no threshold is CFG).")
+flags.DEFINE_float("norm_threshold", None, "--guidance apg: bound r on the x̂₀ update's norm per "
+                   "sample (default: none).")
+flags.DEFINE_integer("recurrence", None, "--guidance x0_classifier: extra guided passes per step "
+                     "(default 0).")
 flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.")
 FLAGS = flags.FLAGS
 

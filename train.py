@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from jaxguide import sample_lib, train_lib
+from jaxguide import config_lib, sample_lib, train_lib
 
 config_flags.DEFINE_config_file("config", "configs/mnist.py:quick", "Config file, with :preset.",
                                 lock_config=True)
@@ -38,7 +38,7 @@ def main(argv):
   except train_lib.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  if FLAGS.grids and "score" in report:
+  if FLAGS.grids and "score" in config_lib.model_names(FLAGS.config):   # the grids show this command's score network
     report["grids"] = sample_lib.final_grids(FLAGS.workdir)
   print(json.dumps(report, indent=2), file=sys.stdout)
 

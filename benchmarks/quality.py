@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxguide import checkpoint, config_lib, evaluate, pipeline, sample_lib  # noqa: E402
+from jaxguide import checkpoint, config_lib, evaluate, pipeline, plotting, sample_lib  # noqa: E402
 
 
 def judge_of(workdir: str, run: pipeline.Run) -> evaluate.Judge:
@@ -71,14 +71,29 @@ def main() -> None:
   p.add_argument("--sampler", default=None)
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--guide_conditional", action=argparse.BooleanOptionalAction, default=None,
+                 help="classifier guidance on ε(x,t,y) or (--no-guide_conditional) ε(x,t,∅); "
+                      "default: the run's sample.guide_conditional, as sample.py")
   p.add_argument("--json", default=None)
+  p.add_argument("--frontier", default=None, help="PNG: FD ÷ floor against accuracy, a line per kind "
+                 "(the first judge's)")
+  p.add_argument("--option", action="append", default=[],
+                 help="NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS), e.g. norm_threshold=15")
   args = p.parse_args()
   scales = parse_scales(args.scale or ["none=1", "cfg=2,3", "classifier=2,4"])
   run = pipeline.load_run(args.workdir)
   sc = run.config.sample
   # The run's sampling defaults (spacing, clip_x0), exactly as sample.py fills them.
+  flagged = {} if args.guide_conditional is None else {"guide_conditional": args.guide_conditional}
+  for entry in args.option:
+    name, _, value = entry.partition("=")
+    if name not in pipeline.GUIDE_OPTIONS:
+      raise SystemExit(f"error: --option {name}: use one of {', '.join(pipeline.GUIDE_OPTIONS)}")
+    parsed = json.loads(value) if value[:1] in "[0123456789-." else value
+    tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
+    flagged[name] = tuples(parsed)   # hashable: options key the compile cache
   opts = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
-          **sample_lib.config_options(run)}
+          **sample_lib.config_options(run, flagged)}
   judges = {"evaluator": evaluate.run_judge(run)}
   if args.judge:
     judges["judge2"] = judge_of(args.judge, run)
@@ -101,6 +116,11 @@ def main() -> None:
             f"({r['worst_class_accuracy']:.2f})  FD {r['frechet_distance']:8.2f} "
             f"({r['frechet_distance'] / ref['floor']:.2f}x)  div {r['diversity']:.2f}")
   print(f"sampling {sample_s:.0f} s")
+  if args.frontier:
+    first = next(iter(judges))
+    plotting.save_frontier(result[first]["rows"], args.frontier, floor=result[first]["floor"],
+                           title=f"{opts['sampler']}, {opts['steps']} steps, {args.num_per_class * run.num_classes} "
+                                 f"samples per point ({first})")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1, default=float)

@@ -12,6 +12,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   "log_every": 500, "ckpt_every": 5000, "ema_decay": 0.9999, "dtype": "bfloat16"})
   c.score.model.update({"ch": 128, "ch_mult": (1, 2, 2, 2), "num_res_blocks": 2,
                         "attn_resolutions": (16,), "dropout": 0.1})
+  c.guide.model.update({"ch": 64, "ch_mult": (1, 2, 2, 2), "num_res_blocks": 2,
+                        "attn_resolutions": (16,), "dropout": 0.1})   # half the score's width
   c.classifier.model.update({"ch": 64, "ch_mult": (1, 2, 2, 2), "num_res_blocks": 2, "dropout": 0.1})
   c.classifier.train.update({"steps": 50000, "lr": 3e-4})
   c.evaluator.model = ml_collections.ConfigDict({"arch": "lenet"})

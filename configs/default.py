@@ -36,6 +36,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.score.logsnr_std = 3.0
   c.score.train = ml_collections.ConfigDict({"steps": steps})
 
+  # Autoguidance's weak guide (Karras et al. 2024): a score network of the same kind, smaller
+  # and trained a quarter as long, with the score's loss settings. Not in the default `models`:
+  # add it to a trained workdir with --config.models=guide (presets size it to their score net).
+  c.guide = ml_collections.ConfigDict()
+  c.guide.model = ml_collections.ConfigDict({
+      "arch": "unet", "ch": 16, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
+      "attn_resolutions": (), "dropout": 0.1, "groups": 8, "param": "eps"})
+  c.guide.train = ml_collections.ConfigDict({"steps": steps // 4})
+
   c.classifier = ml_collections.ConfigDict()
   c.classifier.model = ml_collections.ConfigDict({
       "arch": "classifier", "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
@@ -48,8 +57,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.evaluator.train = ml_collections.ConfigDict({"steps": steps // 4, "lr": 1e-3, "ema_decay": 0.99})
 
   # The guided grids train.py draws at the end (and sample.py's defaults). spacing: the time grid,
-  # linear | logsnr; clip_x0: clip x̂₀ to [-c, c] at every step (0 = off), on for [-1, 1] images.
+  # linear | logsnr; clip_x0: clip x̂₀ to [-c, c] at every step (0 = off), on for [-1, 1] images;
+  # guide_conditional: classifier guidance walks ε(x, t, y) (True) or ε(x, t, ∅) (False, the
+  # reference tutorial's unconditional model).
   c.sample = ml_collections.ConfigDict({
       "sampler": "ddim", "steps": 100, "spacing": "linear", "clip_x0": 1.0, "cfg_scale": 3.0,
-      "clf_scale": 8.0, "num_per_class": 8})
+      "clf_scale": 8.0, "cfgpp_scale": 0.6, "num_per_class": 8, "guide_conditional": False})
   return c

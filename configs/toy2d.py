@@ -12,6 +12,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.update({"steps": 3000, "batch_size": 256, "lr": 1e-3, "warmup_steps": 100,
                   "log_every": 100, "ckpt_every": 1000, "ema_decay": 0.995})
   c.score.model = ml_collections.ConfigDict({"arch": "mlp", "hidden": 128, "depth": 3})
+  c.guide.model = ml_collections.ConfigDict({"arch": "mlp", "hidden": 32, "depth": 2})
   c.classifier.model = ml_collections.ConfigDict({"arch": "mlp_classifier", "hidden": 128, "depth": 3})
   c.classifier.train.lr = 1e-3
   c.sample.update({"sampler": "ddim", "steps": 100, "num_per_class": 256, "clip_x0": 0.0})

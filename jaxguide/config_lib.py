@@ -19,15 +19,19 @@ from jaxguide.checkpoint import load_config
 from jaxguide.errors import ConfigError
 from jaxguide.sde import VPSDE
 
-MODEL_INDEX = {"score": 0, "classifier": 1, "evaluator": 2}
+# guide: autoguidance's weak guide, a smaller and shorter-trained score network of the same task
+# (trained with the score's loss settings, on the score's data stream).
+MODEL_INDEX = {"score": 0, "classifier": 1, "evaluator": 2, "guide": 3}
 ROLE_ARCHS = {"score": ("unet", "mlp"), "classifier": ("classifier", "mlp_classifier"),
-              "evaluator": ("lenet",)}
+              "evaluator": ("lenet",), "guide": ("unet", "mlp")}
+SCORE_ROLES = ("score", "guide")
 ARCHS: dict[str, Callable[..., Any]] = {
     "unet": nets.UNet, "mlp": nets.MLP, "classifier": nets.NoisyClassifier,
     "mlp_classifier": nets.MLPClassifier, "lenet": nets.LeNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections that must match between a workdir's saved config and the one resuming it.
-FROZEN_SECTIONS = ("data", "sde", "score.model", "classifier.model", "evaluator.model")
+FROZEN_SECTIONS = ("data", "sde", "score.model", "classifier.model", "evaluator.model",
+                   "guide.model")
 
 
 def model_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -36,9 +40,12 @@ def model_names(config: ml_collections.ConfigDict) -> list[str]:
   for m in names:
     if m not in MODEL_INDEX:
       raise ConfigError(f"models={config.models!r}: unknown model {m!r}: use a comma list of "
-                        "score, classifier, evaluator")
+                        "score, classifier, evaluator, guide")
+    if m not in config or "model" not in config[m]:
+      raise ConfigError(f"models={config.models!r}: the config has no {m}.model section: add one "
+                        f"(configs/default.py has every role's) or drop {m}")
   if not names:
-    raise ConfigError("models='': name at least one of score, classifier, evaluator")
+    raise ConfigError("models='': name at least one of score, classifier, evaluator, guide")
   return names
 
 
@@ -90,7 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_train(model_train_config(config, name), f"{name}.train")
     arch = config[name].model.arch
     _check(arch in ROLE_ARCHS[name], f"{name}.model.arch", arch, f"use one of {ROLE_ARCHS[name]}")
-  if "score" in model_names(config):
+  if set(SCORE_ROLES) & set(model_names(config)):
     p = config.score.p_uncond
     _check(0.0 <= p < 1.0, "score.p_uncond", p, "must be in [0, 1), e.g. 0.1 (0 disables CFG training)")
     w = config.score.get("weighting", "eps")
@@ -104,8 +111,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be a positive finite number, e.g. 3")
     _check(isinstance(mean, (int, float)) and math.isfinite(mean), "score.logsnr_mean", mean,
            "must be a finite number, e.g. 0")
-    param = config.score.model.get("param", "eps")
-    _check(param in PARAMS, "score.model.param", param, f"use one of {PARAMS}")
+    for role in SCORE_ROLES:
+      if role in model_names(config):
+        param = config[role].model.get("param", "eps")
+        _check(param in PARAMS, f"{role}.model.param", param, f"use one of {PARAMS}")
 
 
 def devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
@@ -118,7 +127,9 @@ def devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
 
 
 def data_seed(config: ml_collections.ConfigDict, name: str) -> int:
-  return int(config.seed) * len(MODEL_INDEX) + MODEL_INDEX[name]
+  """The seed of a model's batch stream: three streams per seed (score, classifier, evaluator);
+  the guide reads the score's, as a shorter run of the same training would."""
+  return int(config.seed) * 3 + MODEL_INDEX["score" if name == "guide" else name]
 
 
 def _section(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -181,7 +192,7 @@ PARAMS = ("eps", "v")   # what a score network's output means (score.model.param
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: Any,
-                sde: VPSDE | None = None) -> Any:
+                sde: VPSDE | None = None, role: str = "score") -> Any:
   """The module a model config describes. A score network with `param='v'` is wrapped in
   `score.VPrediction` (it needs the SDE), so that every model of a run returns ε."""
   kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v
@@ -189,7 +200,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: A
   model = ARCHS[model_cfg.arch](num_classes=num_classes, dtype=dtype, **kwargs)
   param = model_cfg.get("param", "eps")
   if param not in PARAMS:
-    raise ConfigError(f"score.model.param={param!r}: use one of {PARAMS}")
+    raise ConfigError(f"{role}.model.param={param!r}: use one of {PARAMS}")
   if param == "v":
     if sde is None:
       raise ValueError("build_model: a v-prediction network needs the run's sde")
@@ -202,14 +213,14 @@ def example_inputs(name: str, shape: tuple[int, ...]) -> tuple:
   evaluator (x,); for `init` and shape checks."""
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
   t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
-  return {"score": (x, t, y), "classifier": (x, t), "evaluator": (x,)}[name]
+  return {"score": (x, t, y), "guide": (x, t, y), "classifier": (x, t), "evaluator": (x,)}[name]
 
 
 def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> ModelSpec:
   tc = model_train_config(config, name)
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
-  model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype], sde)
-  if name == "score":
+  model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype], sde, role=name)
+  if name in SCORE_ROLES:
     loss = losses.make_eps_loss(model.apply, sde, num_classes=train_ds.num_classes,
                                 p_uncond=config.score.p_uncond, t_eps=tc.t_eps,
                                 weighting=config.score.get("weighting", "eps"),

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -19,7 +20,13 @@ from jaxguide.score import eps_fn as bind_eps, log_prob_fn as bind_log_prob
 from jaxguide.sde import VPSDE
 
 DATA_INFO_FILE = "data_info.json"
-GUIDANCES = ("none", "classifier", "cfg", "both")
+GUIDANCES = ("none", "classifier", "cfg", "both", "negative", "compose", "autoguidance", "apg",
+             "x0_classifier", "cfgpp")
+# Options of guided_eps_fn (the rest of generate's options go to the sampler).
+GUIDE_OPTIONS = ("guide_conditional", "interval", "rescale", "schedule", "negative_label",
+                 "compose", "apg_eta", "norm_threshold", "recurrence")
+# Kinds whose scale is added to a base that it leaves alone at 0 (the rest: at 1, CFG's family).
+ZERO_NEUTRAL = ("classifier", "x0_classifier", "cfgpp", "compose")
 
 
 def save_data_info(workdir: str, shape: Sequence[int], num_classes: int) -> None:
@@ -91,7 +98,7 @@ def load_run(workdir: str) -> Run:
     if name not in config or "model" not in config[name]:
       continue
     dtype = config_lib.DTYPES[config_lib.model_train_config(config, name).dtype]
-    model = config_lib.build_model(config[name].model, k, dtype, sde)
+    model = config_lib.build_model(config[name].model, k, dtype, sde, role=name)
     restored = _restore_ema(workdir, name, model, config_lib.example_inputs(name, shape))
     if restored is not None:
       apply_fns[name], params[name] = model.apply, restored
@@ -106,24 +113,65 @@ def load_run(workdir: str) -> Run:
 
 def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
                   clf_scale: jax.Array | float = 0.0, *, guide_conditional: bool = False,
-                  interval: Optional[Sequence[float]] = None, rescale: float = 0.0):
+                  interval: Optional[Sequence[float]] = None, rescale: float = 0.0,
+                  schedule: str = "constant", negative_label: Optional[int] = None,
+                  compose: Optional[Sequence[tuple[int, float]]] = None, apg_eta: float = 0.0,
+                  norm_threshold: Optional[float] = None, recurrence: int = 0):
   """The ε-function a sampler walks for one guidance kind; `scale` may be per sample.
 
-  none        the conditional network as trained, ε(x, t, y)
-  classifier  ε(x, t, ∅) − w σ ∇ log p_t(y|x): the unconditional model guided by the noisy
-              classifier (the reference tutorial); guide_conditional=True guides ε(x, t, y) instead
-  cfg         ε(∅) + s (ε(y) − ε(∅))
-  both        CFG at `scale`, then the classifier term at `clf_scale`
+  none           the conditional network as trained, ε(x, t, y)
+  classifier     ε(x, t, ∅) − w σ ∇ log p_t(y|x): the unconditional model guided by the noisy
+                 classifier (the reference tutorial); guide_conditional=True guides ε(x, t, y)
+  cfg            ε(∅) + s (ε(y) − ε(∅))
+  both           CFG at `scale`, then the classifier term at `clf_scale`
+  negative       ε(y⁻) + s (ε(y) − ε(y⁻)), y⁻ = negative_label (∅ if None: CFG)
+  compose        ε(∅) + s Σᵢ wᵢ (ε(yᵢ) − ε(∅)) for compose = ((y₁, w₁), …); y is not read
+  autoguidance   ε_guide(y) + s (ε(y) − ε_guide(y)), the workdir's guide network
+  apg            adaptive projected guidance at s (apg_eta, norm_threshold)
+  x0_classifier  ε − s σ ∇ log p(y | x̂₀) with the workdir's evaluator (of clean digits), on
+                 ε(x, t, ∅), or on ε(x, t, y) with guide_conditional; `recurrence` extra passes
+  cfgpp          CFG++ at λ = s (ddim, dpmpp_2m and ddpm re-noise with ε(∅); the ODE/SDE
+                 solvers euler_maruyama, pc and ode_heun walk CFG at λ)
+
+  schedule = constant | linear | cosine makes every scale a function of t (guidance.schedule).
   """
   k = run.num_classes
   eps = bind_eps(run.apply_fns["score"], params["score"])
+  if schedule != "constant":
+    neutral = 0.0 if kind in ZERO_NEUTRAL else 1.0
+    scale = guidance.schedule(schedule, scale, neutral=neutral)
+    clf_scale = guidance.schedule(schedule, clf_scale, neutral=0.0)
   if kind == "none":
     return eps
   if kind == "cfg":
     return guidance.classifier_free(eps, scale, k, interval=interval, rescale=rescale)
+  if kind == "negative":
+    return guidance.negative(eps, scale, k if negative_label is None else negative_label,
+                             interval=interval)
+  if kind == "compose":
+    labels = jnp.asarray([int(c[0]) for c in compose], jnp.int32)
+    weights = jnp.asarray([float(c[1]) for c in compose], jnp.float32)
+
+    def composed(x, t, y):
+      s = jnp.broadcast_to(jnp.asarray(guidance.scale_at(scale, t), jnp.float32), y.shape)
+      return guidance.compose(eps, labels, s[:, None] * weights[None], k)(x, t, y)
+    return composed
+  if kind == "autoguidance":
+    weak = bind_eps(run.apply_fns["guide"], params["guide"])
+    return guidance.autoguidance(eps, weak, scale, interval=interval)
+  if kind == "apg":
+    return guidance.apg(eps, run.sde, scale, k, eta=apg_eta, norm_threshold=norm_threshold,
+                        interval=interval)
+  if kind == "cfgpp":
+    return guidance.cfgpp(eps, scale, k)
+  base = eps if guide_conditional else guidance.unconditional(eps, k)
+  if kind == "x0_classifier":
+    apply, p = run.apply_fns["evaluator"], params["evaluator"]
+    log_prob = lambda x: jax.nn.log_softmax(apply({"params": p}, x).astype(jnp.float32), axis=-1)
+    return guidance.x0_classifier(base, log_prob, run.sde, scale, recurrence=recurrence,
+                                  interval=interval)
   logp = bind_log_prob(run.apply_fns["classifier"], params["classifier"])
   if kind == "classifier":
-    base = eps if guide_conditional else guidance.unconditional(eps, k)
     return guidance.classifier(base, logp, run.sde, scale, interval=interval)
   return guidance.combine(eps, logp, run.sde, scale, clf_scale, k, interval=interval, rescale=rescale)
 
@@ -131,8 +179,10 @@ def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
 def check_request(run: Run, kind: str, labels: np.ndarray) -> None:
   if kind not in GUIDANCES:
     raise ConfigError(f"--guidance={kind!r} is not known: use one of {', '.join(GUIDANCES)}")
-  if kind in ("classifier", "both"):
-    run.require("classifier", f"--guidance={kind}")
+  needs = {"classifier": "classifier", "both": "classifier", "autoguidance": "guide",
+           "x0_classifier": "evaluator"}
+  if kind in needs:
+    run.require(needs[kind], f"--guidance={kind}")
   bad = labels[(labels < 0) | (labels >= run.num_classes)]
   if bad.size:
     raise ConfigError(f"--labels: {int(bad[0])} is outside [0, {run.num_classes}): "
@@ -146,7 +196,7 @@ def _compiled(run: Run, kind: str, sampler: str, steps: int, batch: int,
   of time so that its compile time is measured apart; scales and labels are traced arguments, so
   any scale list reuses it. Returns (executable, compile seconds)."""
   opts = {"t_eps": run.t_eps, **dict(options)}
-  guide_opts = {k: opts.pop(k) for k in ("guide_conditional", "interval", "rescale") if k in opts}
+  guide_opts = {k: opts.pop(k) for k in GUIDE_OPTIONS if k in opts}
 
   def fn(params, key, y, scale, clf_scale):
     g = guided_eps_fn(run, params, kind, scale, clf_scale, **guide_opts)

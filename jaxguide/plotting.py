@@ -148,6 +148,25 @@ def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[
   _save_figure(fig, path)
 
 
+def save_frontier(rows: Sequence[dict], path: str, *, floor: float, title: str = "") -> None:
+  """Fidelity against accuracy, one line per guidance kind through its scales: each row a dict
+  with guidance, scale, accuracy and frechet_distance (evaluate.measure's rows)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+  for kind in dict.fromkeys(r["guidance"] for r in rows):
+    mine = sorted((r for r in rows if r["guidance"] == kind), key=lambda r: r["scale"])
+    acc = [r["accuracy"] for r in mine]
+    fd = [r["frechet_distance"] / floor for r in mine]
+    ax.plot(acc, fd, marker="o", label=kind)
+    for r, a, f in zip(mine, acc, fd):
+      ax.annotate(f"{r['scale']:g}", (a, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  ax.set(yscale="log", xlabel="accuracy of the requested label", ylabel="Fréchet distance ÷ floor")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  _save_figure(fig, path)
+
+
 # ------------------------------------------------------------- diagnostics (diagnose.py's figures)
 
 _PER_ROW = 8   # panels per row in the across-t figures: 16 times read as two rows of eight

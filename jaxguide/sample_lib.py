@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxguide import checkpoint, evaluate, pipeline, plotting, samplers
+from jaxguide import checkpoint, evaluate, guidance, pipeline, plotting, samplers
 from jaxguide.errors import ConfigError
 from jaxguide.sde import SPACINGS
 
@@ -131,10 +131,19 @@ def request_from_flags(flags_: Any) -> Request:
   for name in ("eta", "snr", "clip_x0"):
     if getattr(flags_, name) is not None:
       options[name] = float(getattr(flags_, name))
+  if not all(np.isfinite(v) for v in options.values()):
+    bad = next(k for k, v in options.items() if not np.isfinite(v))
+    raise ConfigError(f"--{bad}={options[bad]}: must be a finite number")
+  if options.get("eta", 0.0) < 0:
+    raise ConfigError(f"--eta={flags_.eta}: must be >= 0 (0 = deterministic DDIM, 1 = DDPM's noise)")
+  if options.get("snr", 1.0) <= 0:
+    raise ConfigError(f"--snr={flags_.snr}: must be > 0, e.g. 0.16")
+  if flags_.clf_scale is not None and not np.isfinite(flags_.clf_scale):
+    raise ConfigError(f"--clf_scale={flags_.clf_scale}: must be a finite number, e.g. 4")
   if options.get("clip_x0", 0.0) < 0:
     raise ConfigError(f"--clip_x0={flags_.clip_x0}: must be >= 0 (0 = off), e.g. 1")
-  if flags_.guide_conditional:
-    options["guide_conditional"] = True
+  if flags_.guide_conditional is not None:
+    options["guide_conditional"] = bool(flags_.guide_conditional)
   if flags_.rescale:
     if not 0.0 <= flags_.rescale <= 1.0:
       raise ConfigError(f"--rescale={flags_.rescale}: must be in [0, 1], e.g. 0.7")
@@ -144,6 +153,7 @@ def request_from_flags(flags_: Any) -> Request:
     if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
       raise ConfigError(f"--interval={flags_.interval!r}: give 'lo,hi' with 0 <= lo < hi <= 1")
     options["interval"] = tuple(interval)
+  options.update(_family_options(flags_))
   if flags_.sampler is not None and flags_.sampler not in samplers.SAMPLERS:
     raise ConfigError(f"--sampler={flags_.sampler!r} is not known: use one of {', '.join(samplers.SAMPLERS)}")
   if flags_.spacing is not None and flags_.spacing not in SPACINGS:
@@ -161,9 +171,82 @@ def request_from_flags(flags_: Any) -> Request:
                  raw=flags_.raw, options=options)
 
 
+def _family_options(flags_: Any) -> dict[str, Any]:
+  """The newer guidance kinds' options (`pipeline.guided_eps_fn`), each checked against its domain."""
+  get = lambda name: getattr(flags_, name, None)
+  out: dict[str, Any] = {}
+  if get("schedule") is not None:
+    if flags_.schedule not in guidance.SCHEDULES:
+      raise ConfigError(f"--schedule={flags_.schedule!r} is not known: use one of "
+                        f"{', '.join(guidance.SCHEDULES)}")
+    if flags_.schedule != "constant":
+      out["schedule"] = flags_.schedule
+  if get("negative") is not None:
+    out["negative_label"] = int(flags_.negative)
+  if get("compose") is not None:
+    pairs = []
+    for item in flags_.compose.split(","):
+      label, sep, weight = item.partition(":")
+      try:
+        pair = (int(label), float(weight))
+      except ValueError:
+        pair = None
+      if not sep or pair is None or not np.isfinite(pair[1]):
+        raise ConfigError(f"--compose={flags_.compose!r}: give LABEL:WEIGHT pairs, e.g. "
+                          "--compose 3:1.5,8:-0.5")
+      pairs.append(pair)
+    out["compose"] = tuple(pairs)
+  if get("apg_eta") is not None:
+    if not np.isfinite(flags_.apg_eta):
+      raise ConfigError(f"--apg_eta={flags_.apg_eta}: must be a finite number, e.g. 0")
+    out["apg_eta"] = float(flags_.apg_eta)
+  if get("norm_threshold") is not None:
+    if not flags_.norm_threshold > 0 or not np.isfinite(flags_.norm_threshold):
+      raise ConfigError(f"--norm_threshold={flags_.norm_threshold}: must be a positive number "
+                        "(drop it for no bound), e.g. 15")
+    out["norm_threshold"] = float(flags_.norm_threshold)
+  if get("recurrence") is not None:
+    if flags_.recurrence < 0:
+      raise ConfigError(f"--recurrence={flags_.recurrence}: must be an integer >= 0, e.g. 1")
+    if flags_.recurrence:
+      out["recurrence"] = int(flags_.recurrence)
+  return out
+
+
+# Which option belongs to which kinds: an option no requested kind reads is refused.
+OPTION_KINDS = {"negative_label": ("negative",), "compose": ("compose",), "apg_eta": ("apg",),
+                "norm_threshold": ("apg",), "recurrence": ("x0_classifier",)}
+FLAG_OF = {"negative_label": "--negative", "compose": "--compose", "apg_eta": "--apg_eta",
+           "norm_threshold": "--norm_threshold", "recurrence": "--recurrence"}
+
+
+def _check_family(req: "Request", run: pipeline.Run) -> None:
+  for option, kinds in OPTION_KINDS.items():
+    if option in req.options and not set(kinds) & set(req.guidance):
+      raise ConfigError(f"{FLAG_OF[option]} is an option of --guidance {' or '.join(kinds)}: add "
+                        f"that kind or drop {FLAG_OF[option]}")
+  k = run.num_classes
+  label = req.options.get("negative_label")
+  if label is not None and not 0 <= label <= k:
+    raise ConfigError(f"--negative={label}: must be a class in [0, {k - 1}] or {k} (∅)")
+  for label, _ in req.options.get("compose", ()):
+    if not 0 <= label < k:
+      raise ConfigError(f"--compose: label {label} is outside [0, {k}): use class indices "
+                        f"0..{k - 1}")
+  if "compose" in req.guidance and "compose" not in req.options:
+    raise ConfigError("--guidance compose needs --compose LABEL:WEIGHT pairs, e.g. --compose 3:1,8:-0.5")
+  if "cfgpp" in req.guidance and req.sampler not in samplers.RENOISING:
+    raise ConfigError(f"--guidance cfgpp re-noises with ε(∅) only in --sampler "
+                      f"{', '.join(samplers.RENOISING)}, not {req.sampler}: choose one of them")
+  bad = [s for s in req.scales.get("cfgpp", []) if not 0.0 <= s <= 1.0]
+  if bad:
+    raise ConfigError(f"--scale cfgpp={bad[0]:g}: CFG++'s λ must be in [0, 1], e.g. --scale cfgpp=0.2,0.6")
+
+
 def config_options(run: pipeline.Run, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-  """`options` (sampler and guidance options from the flags) with the config's sample.spacing and
-  sample.clip_x0 filled in where the flags left them open; clip_x0 = 0 is dropped (off).
+  """`options` (sampler and guidance options from the flags) with the config's sample.spacing,
+  sample.clip_x0 and sample.guide_conditional filled in where the flags left them open;
+  clip_x0 = 0 and guide_conditional = False are dropped (the defaults downstream).
 
   A workdir saved before these fields existed samples on the linear grid and clips x̂₀ to [−1, 1]
   for image data, not for toy data: the presets' defaults."""
@@ -179,13 +262,22 @@ def config_options(run: pipeline.Run, options: Optional[dict[str, Any]] = None) 
                       "(0 = off): pass --clip_x0 1 or --clip_x0 0")
   if clip > 0:
     out["clip_x0"] = clip
+  conditional = out.pop("guide_conditional", cfg.get("guide_conditional", False))
+  if not isinstance(conditional, bool):
+    raise ConfigError(f"sample.guide_conditional={conditional!r} in {run.workdir}/config.json: must "
+                      "be true or false: pass --guide_conditional or --noguide_conditional")
+  if conditional:
+    out["guide_conditional"] = True
   return out
 
 
 def complete_request(req: Request, run: pipeline.Run) -> Request:
   """Fills what the flags left open from the workdir's config.sample, and checks the rest."""
   cfg = run.config.sample
-  default = lambda kind: [float(cfg.clf_scale if kind == "classifier" else cfg.cfg_scale)]
+  def default(kind):   # the gradient kinds take clf_scale, CFG++ its λ, the rest cfg_scale
+    if kind in ("classifier", "x0_classifier"):
+      return [float(cfg.clf_scale)]
+    return [float(cfg.get("cfgpp_scale", 0.6) if kind == "cfgpp" else cfg.cfg_scale)]
   flagged = dict(req.options, **({"spacing": req.spacing} if req.spacing else {}))
   options = config_options(run, flagged)   # spacing is popped below: it is a Request field
   req = dataclasses.replace(
@@ -197,6 +289,7 @@ def complete_request(req: Request, run: pipeline.Run) -> Request:
       options=options)
   for kind in req.guidance:
     pipeline.check_request(run, kind, np.asarray(req.labels))
+  _check_family(req, run)
   if req.evaluate and "evaluator" not in run.params and run.config.data.source != "toy:gmm":
     raise ConfigError(f"--evaluate needs a trained evaluator in --workdir={run.workdir}: train it with "
                       f"python train.py --workdir {run.workdir} --config.models=evaluator (same --config)")

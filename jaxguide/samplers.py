@@ -164,11 +164,16 @@ def _ancestral_coeffs(sde: VPSDE, t, t_next):
 
 def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
   """Ancestral sampling (Ho et al. 2020) on ᾱ at the grid times: x_s = (x_t − β_ts/√(1−ᾱ_t) ε)
-  / √(1 − β_ts) + σ_ts z with the posterior variance σ_ts² = β_ts (1 − ᾱ_s)/(1 − ᾱ_t)."""
+  / √(1 − β_ts) + σ_ts z with the posterior variance σ_ts² = β_ts (1 − ᾱ_s)/(1 − ᾱ_t).
+
+  Under CFG++ (`guidance.cfgpp`) the step is the posterior mean given the guided x̂₀ at the state
+  re-noised with the unconditional ε: x_t + σ_t (ε(∅) − ε̂), walked with ε(∅)."""
   def step(carry, t, t_next, key, last):
     (x,) = carry
     _, _, var_t, var_s, beta = _ancestral_coeffs(sde, t, t_next)
-    eps = eps_fn(x, _batch_t(t, x), y)
+    guided, eps = guidance.renoising_pair(eps_fn, x, _batch_t(t, x), y)
+    if eps is not guided:
+      x = x + jnp.sqrt(var_t) * (eps - guided)
     mean = (x - beta / jnp.sqrt(var_t) * eps) / jnp.sqrt(1 - beta)
     std = jnp.where(last, 0.0, jnp.sqrt(beta * var_s / var_t))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
@@ -178,14 +183,15 @@ def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
 def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, save_every: int = 0):
   """DDIM (Song et al. 2021): x_s = √ᾱ_s x̂₀ + √(1 − ᾱ_s − σ²) ε + σ z, σ = η σ_ts(ddpm).
 
-  η = 0 is deterministic; η = 1 is ddpm (same noise, same result).
+  η = 0 is deterministic; η = 1 is ddpm (same noise, same result). Under CFG++
+  (`guidance.cfgpp`) x̂₀ comes from the guided ε and the ε term is the unconditional one.
   """
   def step(carry, t, t_next, key, last):
     (x,) = carry
     _, abar_s, var_t, var_s, beta = _ancestral_coeffs(sde, t, t_next)
     tb = _batch_t(t, x)
-    eps = eps_fn(x, tb, y)
-    x0 = eps_to_x0(sde, x, eps, tb)
+    guided, eps = guidance.renoising_pair(eps_fn, x, tb, y)
+    x0 = eps_to_x0(sde, x, guided, tb)
     var = eta**2 * beta * var_s / var_t
     mean = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(var_s - var, 0.0)) * eps
     std = jnp.where(last, 0.0, jnp.sqrt(var))
@@ -200,13 +206,18 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
   of x̂₀ from this and the previous step. The first step is 1st order (no history), and so is
   the last ("lower_order_final"): on the uniform t grid its h is the largest by far, and the
   extrapolation there is unstable for few steps. Deterministic: `key` is unused.
+  Under CFG++ (`guidance.cfgpp`) D extrapolates the guided x̂₀ and x_t is re-noised with the
+  unconditional ε: x_t + σ_t (ε(∅) − ε̂) = α_t x̂₀ + σ_t ε(∅) (each first-order step is CFG++'s DDIM).
   """
   def step(carry, t, t_next, key, last):
     x, x0_prev, h_prev = carry
     tb = _batch_t(t, x)
-    x0 = eps_to_x0(sde, x, eps_fn(x, tb, y), tb)
+    guided, renoise = guidance.renoising_pair(eps_fn, x, tb, y)
+    x0 = eps_to_x0(sde, x, guided, tb)
     alpha_s, sigma_s = sde.marginal_coeffs(t_next)
     _, sigma_t = sde.marginal_coeffs(t)
+    if renoise is not guided:
+      x = x + sigma_t * (renoise - guided)
     h = 0.5 * (sde.log_snr(t_next) - sde.log_snr(t))
     first_order = (h_prev == 0) | last                  # h_prev = 0 marks the first step
     c = jnp.where(first_order, 0.0, h / (2 * jnp.where(first_order, 1.0, h_prev)))
@@ -216,6 +227,10 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
   carry = (x, jnp.zeros_like(x), jnp.zeros((), jnp.float32))   # log_snr is float32
   return _scan(step, carry, times, key, save_every)
 
+
+# The samplers that re-noise with a Paired ε-function's second ε (CFG++); the others walk its
+# first, guided ε alone.
+RENOISING = ("ddpm", "ddim", "dpmpp_2m")
 
 SAMPLERS: dict[str, Callable] = {
     "euler_maruyama": euler_maruyama,

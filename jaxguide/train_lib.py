@@ -23,6 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxguide import checkpoint, config_lib, data, evaluate, parallel, pipeline
+from jaxguide.errors import ConfigError
 from jaxguide.losses import LossFn
 
 
@@ -277,7 +278,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoint.save_config(workdir, config)
   pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
   writer = MetricsWriter(workdir)
-  report: dict[str, Any] = {}
+  # Models trained here replace their entries; those trained by an earlier command stay (e.g. a
+  # guide added with --config.models=guide keeps the score network's figures).
+  report_path = os.path.join(workdir, "train_report.json")
+  try:
+    earlier = checkpoint.read_json(report_path) if os.path.exists(report_path) else None
+  except ConfigError:   # a damaged report is rewritten, not a reason to refuse training
+    earlier = None
+  earlier = earlier if isinstance(earlier, dict) else {}
+  report: dict[str, Any] = {k: v for k, v in earlier.items() if k not in specs}
   for name, spec in specs.items():
     with StopSignal() as stop:
       state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop,
@@ -285,5 +294,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     report[name] = {**speed, "steps": int(state.step),
                     "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
                     **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
-  checkpoint.atomic_write_text(os.path.join(workdir, "train_report.json"), json.dumps(report, indent=2))
+  checkpoint.atomic_write_text(report_path, json.dumps(report, indent=2))
   return report

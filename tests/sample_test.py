@@ -1,5 +1,6 @@
 """sample.py and the pipeline on a tiny trained toy workdir: outputs, reports, one compile per
 guidance kind, sweeps equal to separate runs, bad input."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ def toy_workdir(tmp_path_factory):
   c.train.update({"steps": 40, "batch_size": 64, "log_every": 20, "ckpt_every": 40})
   c.score.model.update({"hidden": 32, "depth": 2})
   c.classifier.model.update({"hidden": 32, "depth": 2})
+  c.models = "score,classifier,guide"   # the guide: autoguidance's weak network, 10 steps
   c.sample.update({"steps": 10, "num_per_class": 4})
   workdir = str(tmp_path_factory.mktemp("toy") / "run")
   train_lib.train_and_evaluate(c, workdir, progress=False)
@@ -121,7 +124,7 @@ def flags_ns(**kw):
   base = {"guidance": None, "scale": None, "clf_scale": None, "sampler": None, "steps": None,
           "spacing": None, "num_per_class": None, "labels": None, "seed": 0, "batch_size": 1000,
           "gif": False, "evaluate": False, "raw": False, "eta": None, "snr": None, "clip_x0": None,
-          "guide_conditional": False, "rescale": 0.0, "interval": None}
+          "guide_conditional": None, "rescale": 0.0, "interval": None}
   return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -193,6 +196,22 @@ BAD_SAMPLE = [
     ("two lists without a kind", None, ["--scale=1", "--scale=3"], "--scale"),
     ("unknown spacing", None, ["--spacing=cosine"], "--spacing"),
     ("negative clip_x0", None, ["--clip_x0=-1"], "--clip_x0"),
+    ("negative eta", None, ["--sampler=ddim", "--eta=-0.5"], "--eta"),
+    ("zero snr", None, ["--sampler=pc", "--snr=0"], "--snr"),
+    ("infinite clf_scale", None, ["--guidance=both", "--clf_scale=inf"], "--clf_scale"),
+    ("unknown schedule", None, ["--schedule=square"], "--schedule"),
+    ("negative label out of range", None, ["--guidance=negative", "--negative=9"], "--negative"),
+    ("negative without its kind", None, ["--negative=1"], "--negative"),
+    ("compose malformed", None, ["--guidance=compose", "--compose=1-2"], "--compose"),
+    ("compose label out of range", None, ["--guidance=compose", "--compose=1:1,7:2"], "--compose"),
+    ("compose without pairs", None, ["--guidance=compose"], "--compose"),
+    ("cfgpp lambda above one", None, ["--scale=cfgpp=0.5,1.5"], "[0, 1]"),
+    ("cfgpp with an sde sampler", None, ["--scale=cfgpp=0.5", "--sampler=pc"], "cfgpp"),
+    ("zero norm_threshold", None, ["--guidance=apg", "--norm_threshold=0"], "--norm_threshold"),
+    ("negative recurrence", None, ["--guidance=x0_classifier", "--recurrence=-1"], "--recurrence"),
+    ("autoguidance without a guide", lambda w, t: copy_without(w, t, "guide"),
+     ["--guidance=autoguidance"], "guide"),
+    ("x0_classifier without an evaluator", None, ["--guidance=x0_classifier"], "evaluator"),
 ]
 
 
@@ -225,13 +244,24 @@ def test_config_sampling_defaults(toy_workdir, image_workdir):
   assert image.t_eps == 0.02 and toy.t_eps == toy.config.train.t_eps == 1e-3
   def complete(run, **flags):
     return sample_lib.complete_request(sample_lib.request_from_flags(flags_ns(**flags)), run)
-  req = complete(image)
-  assert (req.spacing, req.options) == ("linear", {"clip_x0": 1.0})   # image presets clip x̂₀
-  req = complete(image, clip_x0=0.0, spacing="logsnr")
+  req = complete(image)   # the quick preset clips x̂₀ and guides ε(x, t, y) with the classifier
+  assert (req.spacing, req.options) == ("linear", {"clip_x0": 1.0, "guide_conditional": True})
+  req = complete(image, clip_x0=0.0, spacing="logsnr", guide_conditional=False)
   assert (req.spacing, req.options) == ("logsnr", {})
-  assert complete(image, clip_x0=2.0).options == {"clip_x0": 2.0}
+  assert complete(image, clip_x0=2.0).options == {"clip_x0": 2.0, "guide_conditional": True}
   assert complete(toy).options == {}                                   # toy2d does not
   assert complete(toy, clip_x0=1.0).options == {"clip_x0": 1.0}
+  # classifier guidance's base: the config's sample.guide_conditional, a flag overrides either way
+  assert complete(toy, guide_conditional=True).options == {"guide_conditional": True}
+  def with_sample(run, **fields):   # a new value of any type, as a hand-edited config.json
+    d = run.config.to_dict()
+    d["sample"].update(fields)
+    return dataclasses.replace(run, config=ml_collections.ConfigDict(d))
+  conditional = with_sample(toy, guide_conditional=True)
+  assert complete(conditional).options == {"guide_conditional": True}
+  assert complete(conditional, guide_conditional=False).options == {}
+  with pytest.raises(ConfigError, match="sample.guide_conditional"):
+    complete(with_sample(toy, guide_conditional=1))
 
 
 def test_generate_stops_at_the_score_t_eps(image_workdir):
@@ -264,4 +294,30 @@ def test_images_written_in_range_unless_raw(image_workdir, tmp_path):
   assert clipped.shape == raw.shape == (2, 8, 8, 1)
   assert np.abs(raw).max() > 1.0 and np.abs(clipped).max() <= 1.0
   np.testing.assert_allclose(clipped, np.clip(raw, -1.0, 1.0), rtol=1e-5, atol=1e-5)
-  assert os.path.exists(tmp_path / "clipped" / "grid_cfg_s3.png")
+  assert os.path.exists(tmp_path / "clipped" / f"grid_cfg_s{run.config.sample.cfg_scale:g}.png")
+
+
+def test_every_new_kind_from_the_command_line(toy_workdir, tmp_path):
+  """The newer kinds sweep from sample.py in one call; samples.npz holds every kind × scale."""
+  out = tmp_path / "out"
+  res = run_sample(f"--workdir={toy_workdir}", f"--out={out}", "--steps=3", "--num_per_class=2",
+                   "--guidance=negative,compose,autoguidance,apg,cfgpp", "--scale=1,2",
+                   "--scale=cfgpp=0,0.5", "--negative=0", "--compose=1:1,2:-0.5",
+                   "--norm_threshold=2", "--schedule=linear", "--sampler=ddim")
+  assert res.returncode == 0, res.stderr[-3000:]
+  with np.load(out / "samples.npz") as z:
+    kinds = sorted(set(z["guidance"].tolist()))
+    assert kinds == ["apg", "autoguidance", "cfgpp", "compose", "negative"]
+    assert len(z["image"]) == 5 * 2 * 4 * 2 and np.isfinite(z["image"]).all()
+
+
+def test_autoguidance_at_one_is_the_score_network(toy_workdir):
+  run = pipeline.load_run(toy_workdir)
+  y, key = np.arange(4, dtype=np.int32), jax.random.PRNGKey(0)
+  plain = pipeline.generate(run, key, y, np.ones(4, np.float32), kind="none", sampler="ddim", steps=4)
+  auto = pipeline.generate(run, key, y, np.ones(4, np.float32), kind="autoguidance", sampler="ddim",
+                           steps=4)
+  np.testing.assert_allclose(auto, plain, atol=1e-5)
+  away = pipeline.generate(run, key, y, np.full(4, 3.0, np.float32), kind="autoguidance",
+                           sampler="ddim", steps=4)
+  assert not np.allclose(away, plain, atol=1e-3)

@@ -1,28 +1,8 @@
-"""Guidance as a transform of the ε-function: every sampler works with every guidance.
-
-Each function here takes an ε-function `(x, t, y) -> ε` (x (B, ...), t (B,), y int (B,)) and returns
-another one with the same signature, in the manner of score_sde's controllable_generation:
-
-  classifier guidance   ε̃ = ε − w σ(t) ∇ₓ log p_t(y | x)              (w = 1 is Bayes' rule)
-  classifier-free       ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅))   (s = 0 uncond., s = 1 cond.)
-
-Scales are traced: a Python number, a 0-d array or one value per sample (B,), broadcast over the
-data axes, so changing a scale never recompiles. The null label ∅ is the integer `num_classes`.
-
-Options shared by the guided transforms:
-  interval=(t_lo, t_hi)  guide only for t_lo <= t <= t_hi (Kynkäänniemi et al. 2024). Outside it the
-      result is the plain conditional ε(x, t, y) and the extra work (the null pass, the classifier
-      backward pass) is skipped with `lax.cond`. The test is per sample: the guided branch runs
-      when any sample is inside and `jnp.where` keeps it only for those; the samplers share one t
-      across the batch, so there the branch is all-or-nothing.
-  rescale=φ  CFG rescale (Lin et al. 2023): scale the guided prediction so that its per-sample std
-      matches the conditional prediction's, then blend `φ · rescaled + (1 − φ) · guided`. The paper
-      defines it on x̂₀/v; we apply it on ε, as diffusers does, so that it needs no SDE. φ = 0 is
-      plain CFG exactly.
-"""
+"""The two classic kinds (classifier guidance, CFG), their shared machinery (guidance intervals,
+scale schedules, the one-call vmapped passes) and the x̂₀ transforms. See `jaxguide.guidance`."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +16,39 @@ from jaxguide.score import EpsFn, LogProbFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
 Interval = Optional[Sequence[float]]   # (t_lo, t_hi) or None for every t
+# A guidance scale: a number, a 0-d array, one value per sample (B,), or a function of t (B,)
+# returning any of those (a schedule, see `schedule`).
+Scale = Union[ArrayLike, Callable[[jax.Array], ArrayLike]]
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scale_at(scale: Scale, t: jax.Array) -> ArrayLike:
+  """The scale at times t (B,): `scale(t)` for a schedule, `scale` itself otherwise."""
+  return scale(t) if callable(scale) else scale
+
+
+def schedule(kind: str, scale: ArrayLike, *, neutral: float = 1.0) -> Callable[[jax.Array], jax.Array]:
+  """A scale that varies with t: s(t) = neutral + (scale − neutral) · w(t), w averaging 1 over t in
+  [0, 1], so that every kind spends the same guidance on average (Wang et al. 2024's weight
+  schedulers; diffusers #7756):
+
+    constant  w = 1                   the plain scale
+    linear    w = 2 (1 − t)           no guidance at t = 1, rising as the sample forms
+    cosine    w = 1 − cos(π (1 − t))  the same ends, flatter at both
+
+  `neutral` is the scale at which a kind does nothing beyond its base: 1 for CFG's family (the
+  conditional ε), 0 for classifier guidance. `scale` may be traced and per sample (B,): a jitted
+  sampler takes new values without recompiling; `kind` is static.
+  """
+  if kind not in SCHEDULES:
+    raise ConfigError(f"schedule={kind!r} is not known: use one of {', '.join(SCHEDULES)}")
+
+  def fn(t):
+    u = 1.0 - jnp.asarray(t, jnp.float32)
+    w = {"constant": jnp.ones_like(u), "linear": 2.0 * u,
+         "cosine": 1.0 - jnp.cos(jnp.pi * u)}[kind]
+    return neutral + (jnp.asarray(scale, jnp.float32) - neutral) * w
+  return fn
 
 
 def unconditional(eps_fn: EpsFn, null_label: int) -> EpsFn:
@@ -65,7 +78,7 @@ def classifier_grad(log_prob_fn: LogProbFn, x: jax.Array, t: jax.Array, y: jax.A
   return jax.grad(total)(x)
 
 
-def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: ArrayLike, *,
+def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, *,
                interval: Interval = None) -> EpsFn:
   """Classifier guidance: ε̃ = ε(x, t, y) − w σ(t) ∇ₓ log p_t(y | x), w = `scale`.
 
@@ -82,7 +95,7 @@ def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: ArrayLi
   return fn
 
 
-def classifier_free(eps_fn: EpsFn, scale: ArrayLike, null_label: int, *,
+def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: int, *,
                     interval: Interval = None, rescale: ArrayLike = 0.0) -> EpsFn:
   """Classifier-free guidance: ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅)), s = `scale`.
 
@@ -96,8 +109,8 @@ def classifier_free(eps_fn: EpsFn, scale: ArrayLike, null_label: int, *,
   return fn
 
 
-def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: ArrayLike,
-            clf_scale: ArrayLike, null_label: int, *, interval: Interval = None,
+def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
+            clf_scale: Scale, null_label: int, *, interval: Interval = None,
             rescale: ArrayLike = 0.0) -> EpsFn:
   """CFG, then the classifier term: ε̃ = ε(∅) + s (ε(y) − ε(∅)) − w σ(t) ∇ₓ log p_t(y | x).
 
@@ -114,12 +127,37 @@ def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: ArrayL
   return fn
 
 
+class Paired:
+  """An ε-function that also hands the samplers a second ε to re-noise with (CFG++):
+  `fn(x, t, y)` is the ε for x̂₀, `pair(x, t, y)` returns (that ε, the re-noising ε)."""
+
+  def __init__(self, fn: EpsFn, pair: Callable):
+    self.fn, self.pair = fn, pair
+
+  def __call__(self, x, t, y):
+    return self.fn(x, t, y)
+
+
+def _map_x0(eps_fn: EpsFn, sde: VPSDE, f: Callable[[jax.Array], jax.Array]) -> EpsFn:
+  """ε re-derived from f(x̂₀); a Paired ε-function stays paired (its re-noising ε untouched)."""
+  def mapped(x, t, eps):
+    return x0_to_eps(sde, x, f(eps_to_x0(sde, x, eps, t)), t)
+
+  def fn(x, t, y):
+    return mapped(x, t, eps_fn(x, t, y))
+  pair = getattr(eps_fn, "pair", None)
+  if pair is None:
+    return fn
+
+  def paired(x, t, y):
+    guided, renoise = pair(x, t, y)
+    return mapped(x, t, guided), renoise
+  return Paired(lambda x, t, y: paired(x, t, y)[0], paired)
+
+
 def clip_x0(eps_fn: EpsFn, sde: VPSDE, limit: float = 1.0) -> EpsFn:
   """Clips x̂₀ to [−limit, limit] and re-derives ε, so that any sampler sees the clipped x̂₀."""
-  def fn(x, t, y):
-    x0 = jnp.clip(eps_to_x0(sde, x, eps_fn(x, t, y), t), -limit, limit)
-    return x0_to_eps(sde, x, x0, t)
-  return fn
+  return _map_x0(eps_fn, sde, lambda x0: jnp.clip(x0, -limit, limit))
 
 
 def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> EpsFn:
@@ -132,21 +170,17 @@ def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> Eps
     raise ConfigError(f"dynamic_threshold={quantile} is a quantile in (0, 1]: use e.g. 0.995 "
                       "(Imagen's 99.5th percentile)")
 
-  def fn(x, t, y):
-    x0 = eps_to_x0(sde, x, eps_fn(x, t, y), t)
+  def threshold(x0):
     flat = jnp.abs(x0.reshape(x0.shape[0], -1))
-    s = jnp.maximum(jnp.quantile(flat, quantile, axis=-1), 1.0)
-    s = broadcast_to_data(s, x0)
-    return x0_to_eps(sde, x, jnp.clip(x0, -s, s) / s, t)
-  return fn
+    s = broadcast_to_data(jnp.maximum(jnp.quantile(flat, quantile, axis=-1), 1.0), x0)
+    return jnp.clip(x0, -s, s) / s
+  return _map_x0(eps_fn, sde, threshold)
 
 
 def _cfg(eps_fn: EpsFn, scale, null_label: int, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
   """(guided ε, conditional ε) from one vmapped network call over the labels [y, ∅]."""
-  labels = jnp.stack([y, jnp.full_like(y, null_label)])
-  cond, uncond = _per_device(lambda x, t, labels: jax.vmap(eps_fn, in_axes=(None, None, 0))(
-      x, t, labels), x.shape[0])(x, t, labels)
-  s = broadcast_to_data(jnp.asarray(scale, cond.dtype), cond)
+  cond, uncond = passes(eps_fn, x, t, jnp.stack([y, jnp.full_like(y, null_label)]))
+  s = broadcast_to_data(jnp.asarray(scale_at(scale, t), cond.dtype), cond)
   # (1 − s) ε(∅) + s ε(y) is the lerp above written so that s = 0 and s = 1 are exact.
   guided = (1.0 - s) * uncond + s * cond
   if not (isinstance(rescale, (int, float)) and rescale == 0):
@@ -154,8 +188,15 @@ def _cfg(eps_fn: EpsFn, scale, null_label: int, rescale, x, t, y) -> tuple[jax.A
   return guided, cond
 
 
+def passes(eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
+  """ε for each row of labels (k, B): ONE network call, vmapped over the k label sets (CFG's
+  [y, ∅], composition's [y₁, …, y_k, ∅]), split over the local devices. Returns (k, B, ...)."""
+  return _per_device(lambda x, t, labels: jax.vmap(eps_fn, in_axes=(None, None, 0))(
+      x, t, labels), x.shape[0])(x, t, labels)
+
+
 def _per_device(fn: Callable, batch: int) -> Callable:
-  """fn(x (B, ...), t (B,), labels (2, B)) -> (2, B, ...), run on each local device's slice of
+  """fn(x (B, ...), t (B,), labels (k, B)) -> (k, B, ...), run on each local device's slice of
   the batch when there are several devices and they divide it (the samplers' data mesh).
 
   The vmap over the label axis merges it into the batch as the major part, (2, B) -> 2B, which
@@ -187,7 +228,7 @@ def _classifier_term(eps, log_prob_fn, sde, scale, x, t, y) -> jax.Array:
   """ε − w σ(t) ∇ₓ log p_t(y | x)."""
   _, sigma = sde.marginal_coeffs(t)
   grad = classifier_grad(log_prob_fn, x, t, y).astype(eps.dtype)
-  w = broadcast_to_data(jnp.asarray(scale, eps.dtype), eps)
+  w = broadcast_to_data(jnp.asarray(scale_at(scale, t), eps.dtype), eps)
   return eps - w * broadcast_to_data(sigma, eps).astype(eps.dtype) * grad
 
 

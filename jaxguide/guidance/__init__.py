@@ -1,0 +1,37 @@
+"""Guidance as a transform of the ε-function: every sampler works with every guidance.
+
+Each function here takes an ε-function `(x, t, y) -> ε` (x (B, ...), t (B,), y int (B,)) and returns
+another one with the same signature, in the manner of score_sde's controllable_generation:
+
+  classifier guidance   ε̃ = ε − w σ(t) ∇ₓ log p_t(y | x)              (w = 1 is Bayes' rule)
+  classifier-free       ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅))   (s = 0 uncond., s = 1 cond.)
+
+and the newer family in `guidance.family`: negative labels, composed labels, autoguidance,
+adaptive projected guidance (APG), clean-image classifier guidance and CFG++ (a sampler option
+as well: `CFGPlusPlus.pair` hands ddim, dpmpp_2m and ddpm the unconditional ε to re-noise with).
+
+Scales are traced: a Python number, a 0-d array, one value per sample (B,), or a function of t
+(`schedule`: constant, linear, cosine), broadcast over the data axes, so changing a scale never
+recompiles. The null label ∅ is the integer `num_classes`.
+
+Options shared by the guided transforms:
+  interval=(t_lo, t_hi)  guide only for t_lo <= t <= t_hi (Kynkäänniemi et al. 2024). Outside it the
+      result is the plain conditional ε(x, t, y) and the extra work (the null pass, the classifier
+      backward pass) is skipped with `lax.cond`. The test is per sample: the guided branch runs
+      when any sample is inside and `jnp.where` keeps it only for those; the samplers share one t
+      across the batch, so there the branch is all-or-nothing.
+  rescale=φ  CFG rescale (Lin et al. 2023): scale the guided prediction so that its per-sample std
+      matches the conditional prediction's, then blend `φ · rescaled + (1 − φ) · guided`. The paper
+      defines it on x̂₀/v; we apply it on ε, as diffusers does, so that it needs no SDE. φ = 0 is
+      plain CFG exactly.
+"""
+from jaxguide.guidance.core import (SCHEDULES, Interval, Paired, Scale, classifier, classifier_free,
+                                    classifier_grad, clip_x0, combine, dynamic_threshold, passes,
+                                    scale_at, schedule, unconditional)
+from jaxguide.guidance.family import (CFGPlusPlus, apg, autoguidance, cfgpp, compose, negative,
+                                      renoising_pair, x0_classifier)
+
+__all__ = ["SCHEDULES", "CFGPlusPlus", "Interval", "Paired", "Scale", "apg", "autoguidance", "cfgpp",
+           "classifier", "classifier_free", "classifier_grad", "clip_x0", "combine", "compose",
+           "dynamic_threshold", "negative", "passes", "renoising_pair", "scale_at", "schedule",
+           "unconditional", "x0_classifier"]
