@@ -214,7 +214,9 @@ def test_image_workdir_writes_figures(tmp_path):
   out = tmp_path / "d"
   res = run_diagnose(f"--workdir={workdir}", f"--out={out}", "--index=7", "--num_times=8")
   assert res.returncode == 0, res.stderr[-3000:]
-  names = ["confidence_vs_t.png", "gradients.png", "grid_classifier_s8.png", "denoise_classifier_s8.gif"]
+  w = f"{c.sample.clf_scale:g}"   # the grid and GIF are at the config's classifier scale
+  names = ["confidence_vs_t.png", "gradients.png", f"grid_classifier_s{w}.png",
+           f"denoise_classifier_s{w}.gif"]
   assert json.loads(res.stdout) == [str(out / n) for n in names]
   assert sorted(os.listdir(out)) == sorted(names)
   assert [_png_size(out / n)[0] for n in names] == ["PNG", "PNG", "PNG", "GIF"]

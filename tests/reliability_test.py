@@ -45,6 +45,7 @@ def saved_tree(workdir, name="score"):
     ckpt.close()
 
 
+@pytest.mark.slow   # 40 s: two 1,500-step runs and a resume (pytest -m slow)
 def test_sigkill_at_random_step_then_same_command_resumes_exactly(tmp_path):
   steps, every = 1500, 50
   args = ["--config.models=score", f"--config.train.steps={steps}",
