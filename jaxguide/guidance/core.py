@@ -69,13 +69,22 @@ def classifier_grad(log_prob_fn: LogProbFn, x: jax.Array, t: jax.Array, y: jax.A
   log-probability, which is per-sample because the classifier treats samples independently.
   A sample labelled with the null label (any y >= K) gets a zero gradient, i.e. no guidance.
   """
-  def total(x):
-    log_probs = log_prob_fn(x, t)                                           # (B, K)
-    num_classes = log_probs.shape[-1]
-    index = jnp.minimum(y, num_classes - 1).astype(jnp.int32)[:, None]
-    selected = jnp.take_along_axis(log_probs, index, axis=-1)[:, 0]
-    return jnp.sum(jnp.where(y < num_classes, selected, 0.0))
-  return jax.grad(total)(x)
+  return jax.grad(lambda x: selected_log_prob(log_prob_fn(x, t), y))(x)
+
+
+def selected_log_prob(log_probs: jax.Array, y: jax.Array) -> jax.Array:
+  """Σ_b log p(y_b | ·) from (B, K) log-probabilities; a null label (y >= K) contributes 0."""
+  num_classes = log_probs.shape[-1]
+  index = jnp.minimum(y, num_classes - 1).astype(jnp.int32)[:, None]
+  selected = jnp.take_along_axis(log_probs, index, axis=-1)[:, 0]
+  return jnp.sum(jnp.where(y < num_classes, selected, 0.0))
+
+
+def cond_and_null(eps_fn: EpsFn, x: jax.Array, t: jax.Array, y: jax.Array,
+                  null_label: int) -> tuple[jax.Array, jax.Array]:
+  """(ε(x, t, y), ε(x, t, ∅)) from one vmapped call (`passes`)."""
+  cond, uncond = passes(eps_fn, x, t, jnp.stack([y, jnp.full_like(y, null_label)]))
+  return cond, uncond
 
 
 def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, *,
@@ -179,7 +188,7 @@ def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> Eps
 
 def _cfg(eps_fn: EpsFn, scale, null_label: int, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
   """(guided ε, conditional ε) from one vmapped network call over the labels [y, ∅]."""
-  cond, uncond = passes(eps_fn, x, t, jnp.stack([y, jnp.full_like(y, null_label)]))
+  cond, uncond = cond_and_null(eps_fn, x, t, y, null_label)
   s = broadcast_to_data(jnp.asarray(scale_at(scale, t), cond.dtype), cond)
   # (1 − s) ε(∅) + s ε(y) is the lerp above written so that s = 0 and s = 1 are exact.
   guided = (1.0 - s) * uncond + s * cond
@@ -226,10 +235,14 @@ def _rescale(guided: jax.Array, cond: jax.Array, phi) -> jax.Array:
 
 def _classifier_term(eps, log_prob_fn, sde, scale, x, t, y) -> jax.Array:
   """ε − w σ(t) ∇ₓ log p_t(y | x)."""
+  return subtract_gradient(eps, classifier_grad(log_prob_fn, x, t, y), sde, scale, t)
+
+
+def subtract_gradient(eps: jax.Array, grad: jax.Array, sde: VPSDE, scale, t: jax.Array) -> jax.Array:
+  """ε − w σ(t) g: a log-probability gradient g turned into an ε correction at scale w."""
   _, sigma = sde.marginal_coeffs(t)
-  grad = classifier_grad(log_prob_fn, x, t, y).astype(eps.dtype)
   w = broadcast_to_data(jnp.asarray(scale_at(scale, t), eps.dtype), eps)
-  return eps - w * broadcast_to_data(sigma, eps).astype(eps.dtype) * grad
+  return eps - w * broadcast_to_data(sigma, eps).astype(eps.dtype) * grad.astype(eps.dtype)
 
 
 def _within(interval: Interval, t: jax.Array,

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxguide.errors import ConfigError
-from jaxguide.guidance.core import Interval, Paired, Scale, _check_interval, _within, passes, scale_at
+from jaxguide.guidance.core import (Interval, Paired, Scale, _check_interval, _within, cond_and_null,
+                                    passes, scale_at, selected_log_prob, subtract_gradient)
 from jaxguide.score import EpsFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -98,7 +99,7 @@ def apg(eps_fn: EpsFn, sde: VPSDE, scale: Scale, null_label: int, *, eta: float 
 
   def fn(x, t, y):
     def guided():
-      cond, uncond = passes(eps_fn, x, t, jnp.stack([y, jnp.full_like(y, null_label)]))
+      cond, uncond = cond_and_null(eps_fn, x, t, y, null_label)
       d_c, d_u = eps_to_x0(sde, x, cond, t), eps_to_x0(sde, x, uncond, t)
       delta = d_c - d_u
       axes = tuple(range(1, x.ndim))
@@ -129,18 +130,11 @@ def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *, recur
     raise ConfigError(f"x0_classifier recurrence={recurrence!r}: must be an integer >= 0, e.g. 0")
 
   def guided_once(x, t, y):
-    def total(x):
+    def total(x):   # the ε of this pass rides along as aux: one network call per pass
       eps = eps_fn(x, t, y)
-      x0 = eps_to_x0(sde, x, eps, t)
-      log_probs = log_prob_fn(x0)
-      k = log_probs.shape[-1]
-      index = jnp.minimum(y, k - 1).astype(jnp.int32)[:, None]
-      picked = jnp.take_along_axis(log_probs, index, axis=-1)[:, 0]
-      return jnp.sum(jnp.where(y < k, picked, 0.0)), eps
+      return selected_log_prob(log_prob_fn(eps_to_x0(sde, x, eps, t)), y), eps
     grad, eps = jax.grad(total, has_aux=True)(x)
-    _, sigma = sde.marginal_coeffs(t)
-    w = broadcast_to_data(jnp.asarray(scale_at(scale, t), eps.dtype), eps)
-    return eps - w * broadcast_to_data(sigma, eps).astype(eps.dtype) * grad.astype(eps.dtype), eps
+    return subtract_gradient(eps, grad, sde, scale, t), eps
 
   def fn(x, t, y):
     def guided():
@@ -168,7 +162,7 @@ class CFGPlusPlus(Paired):
     super().__init__(lambda x, t, y: self.pair(x, t, y)[0], self._pair)
 
   def _pair(self, x, t, y) -> tuple[jax.Array, jax.Array]:
-    cond, uncond = passes(self.eps_fn, x, t, jnp.stack([y, jnp.full_like(y, self.null_label)]))
+    cond, uncond = cond_and_null(self.eps_fn, x, t, y, self.null_label)
     return _lerp(uncond, cond, self.lam, t), uncond
 
 
