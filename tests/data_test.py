@@ -454,11 +454,94 @@ class BatchesTest(chex.TestCase):
     chex.assert_trees_all_equal(straight[3:], tail)
     chex.assert_trees_all_equal(straight[4], data.batch_at(ds, 4, 4, 5))
 
-  def test_prefetch_matches_and_does_not_pile_up_threads(self):
+  def test_gathers_in_the_callers_thread(self):
     ds = _indexed(10)
-    baseline = threading.active_count()
-    with_prefetch = data.Batches(ds, 3, seed=0)
-    batches = list(itertools.islice(with_prefetch, 50))
-    self.assertLessEqual(threading.active_count(), baseline + 1)
-    plain = list(itertools.islice(data.Batches(ds, 3, seed=0, prefetch=False), 50))
-    chex.assert_trees_all_equal(batches, plain)
+    started = []
+    original = threading.Thread.start
+    threading.Thread.start = lambda thread: (started.append(thread), original(thread))[1]
+    try:
+      batches = list(itertools.islice(data.Batches(ds, 3, seed=0), 50))
+    finally:
+      threading.Thread.start = original
+    self.assertEqual(started, [])   # no thread per batch (nor any other)
+    chex.assert_trees_all_equal(batches, [data.batch_at(ds, s, 3, 0) for s in range(50)])
+
+  def test_stop_step_and_process_rows(self):
+    ds = _indexed(10)
+    stream = data.Batches(ds, 4, seed=2, start_step=1, stop_step=4)
+    self.assertLen(list(stream), 3)
+    self.assertEqual(stream.step, 4)
+    for step in (0, 3):
+      whole = data.host_batch_at(ds, step, 4, seed=2)
+      shares = [data.host_batch_at(ds, step, 4, 2, process_index=i, process_count=2) for i in (0, 1)]
+      chex.assert_trees_all_equal(whole, jax.tree.map(lambda *x: np.concatenate(x), *shares))
+    with pytest.raises(ConfigError) as excinfo:
+      data.host_batch_at(ds, 0, 4, 2, process_index=0, process_count=3)
+    _assert_one_line_error(excinfo, "train.batch_size=4", "3 processes")
+
+
+class HostImagesTest(chex.TestCase):
+  """The host keeps uint8 pixels; the float32 the networks see is today's x / 127.5 − 1 exactly."""
+
+  def test_uint8_on_the_host(self):
+    ds = data.load("mnist5k")
+    self.assertEqual(ds.raw.dtype, np.uint8)
+    host = data.host_batch_at(ds, 5, 16, seed=1)
+    self.assertEqual(host["image"].dtype, np.uint8)
+    np.testing.assert_array_equal(host["image"] / np.float32(127.5) - np.float32(1),
+                                  data.batch_at(ds, 5, 16, seed=1)["image"])
+    self.assertFalse(ds.image.flags.writeable)
+    self.assertIs(ds.image, ds.image)   # converted once
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_model_batch_is_bitwise_the_host_float(self):
+    pixels = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)   # every pixel value
+    convert = self.variant(data.model_batch)
+    out = convert({"image": pixels, "label": np.zeros(4, np.int32)})
+    self.assertEqual(out["image"].dtype, np.float32)
+    expected = pixels.astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_array_equal(np.asarray(out["image"]).view(np.uint32), expected.view(np.uint32))
+    points = np.linspace(-3, 3, 8, dtype=np.float32).reshape(4, 2)   # toy data passes unchanged
+    np.testing.assert_array_equal(convert({"image": points, "label": np.zeros(4, np.int32)})["image"],
+                                  points)
+
+
+def _mock_tfds(monkeypatch, tfds_tmp, n=20):
+  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  return tfds.testing.mock_data(num_examples=n)
+
+
+def test_tfds_training_split_is_read_lazily_through_grain(monkeypatch, tfds_tmp):
+  with _mock_tfds(monkeypatch, tfds_tmp):
+    records = data.open_split("tfds:mnist", "train", data_dir=str(tfds_tmp))
+    assert isinstance(records, data.Records) and len(records) == 20
+    assert (records.shape, records.num_classes, records.name) == ((28, 28, 1), 10, "tfds:mnist")
+    memory = data.load("tfds:mnist", "train", data_dir=str(tfds_tmp))
+    assert memory.raw.dtype == np.uint8
+    # 12 steps of batch 8 over 20 records: batches cross epochs; each is batch_at's, pure in
+    # (seed, step), and a stream resumed at step 5 is the straight stream's tail.
+    straight = list(data.Batches(records, 8, seed=3, stop_step=12))
+    assert len(straight) == 12
+    for step, batch in enumerate(straight):
+      chex.assert_trees_all_equal(batch, data.host_batch_at(memory, step, 8, 3))
+    resumed = data.Batches(records, 8, seed=3, start_step=5, stop_step=12)
+    chex.assert_trees_all_equal(list(resumed), straight[5:])
+    # Each process reads only its rows.
+    shares = [list(data.Batches(records, 8, seed=3, stop_step=12, process_index=i, process_count=2))
+              for i in (0, 1)]
+    for step in range(12):
+      assert len(shares[0][step]["label"]) == 4
+      chex.assert_trees_all_equal(
+          straight[step], jax.tree.map(lambda *x: np.concatenate(x), shares[0][step], shares[1][step]))
+    with pytest.raises(ValueError, match="stop_step"):
+      data.Batches(records, 8, seed=3)
+
+
+def test_tfds_split_is_read_once(monkeypatch, tfds_tmp):
+  with _mock_tfds(monkeypatch, tfds_tmp, n=6):
+    calls = []
+    data_source = tfds.data_source
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: calls.append(a) or data_source(*a, **k))
+    first = data.load("tfds:mnist", "test", data_dir=str(tfds_tmp))
+    again = data.load("tfds:mnist", "test", data_dir=str(tfds_tmp))   # e.g. the figures after training
+    assert again is first and len(calls) == 1

@@ -130,3 +130,69 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert "resume" in err and "Traceback" not in err, err[-3000:]
   step = checkpoint.Checkpointer(str(workdir / "checkpoints" / "score")).latest_step()
   assert step is not None and step >= 5
+
+
+# ------------------------------------------------------------------ host work per training step
+
+
+def test_prefetch_to_device_places_ahead_and_yields_the_same_batches():
+  from jaxguide import data, parallel
+  ds = data.load("mnist5k", "test")
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  pulled = []
+
+  def host():
+    for step in range(5):
+      pulled.append(step)
+      yield data.host_batch_at(ds, step, 8, seed=0)
+
+  stream = parallel.prefetch_to_device(host(), mesh, size=2)
+  first = next(stream)
+  assert pulled == [0, 1]      # the batch in use and the next one, already placed
+  second = next(stream)        # the next is placed after the caller's step was dispatched
+  assert pulled == [0, 1, 2]
+  placed = [first, second, *stream]
+  assert len(placed) == 5
+  for step, batch in enumerate(placed):
+    assert isinstance(batch["image"], jax.Array) and batch["image"].dtype == np.uint8
+    assert batch["image"].sharding == parallel.batch_sharding(mesh)
+    chex.assert_trees_all_equal(jax.device_get(batch), data.host_batch_at(ds, step, 8, seed=0))
+
+
+def test_checkpointer_called_only_on_due_steps(toy_config, tmp_path, monkeypatch):
+  toy_config.models = "score"
+  toy_config.train.update({"steps": 23, "ckpt_every": 10, "log_every": 5})
+  saves = []
+  save = checkpoint.Checkpointer.save
+  monkeypatch.setattr(checkpoint.Checkpointer, "save",
+                      lambda self, step, tree, **kw: saves.append(step) or save(self, step, tree, **kw))
+  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  assert saves == [10, 20, 23]   # the due steps and the last, not a call per step
+
+
+@pytest.mark.cpu_exact
+def test_tfds_source_trains_through_grain_and_resumes_exactly(monkeypatch, tmp_path):
+  import tempfile
+  import tensorflow_datasets as tfds
+  from configs import mnist
+  from jaxguide import data
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # tfds.builder's leftover temp dirs
+  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  c = mnist.get_config("quick")
+  c.models = "evaluator"
+  c.data.update({"source": "tfds:mnist", "data_dir": str(tmp_path / "tfds")})
+  c.evaluator.train.update({"steps": 6, "batch_size": 8, "ckpt_every": 3, "log_every": 3})
+  opened = []
+  open_split = data.open_split
+  monkeypatch.setattr(data, "open_split", lambda *a, **k: opened.append(open_split(*a, **k)) or opened[-1])
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  with tfds.testing.mock_data(num_examples=20):
+    train_lib.train_and_evaluate(c, straight, progress=False)
+    c.evaluator.train.steps = 3
+    train_lib.train_and_evaluate(c, resumed, progress=False)
+    c.evaluator.train.steps = 6
+    train_lib.train_and_evaluate(c, resumed, progress=False)
+  assert len(opened) == 3 and all(isinstance(split, data.Records) for split in opened)   # lazy
+  a, b = final_tree(straight, "evaluator"), final_tree(resumed, "evaluator")
+  assert int(a["step"]) == int(b["step"]) == 6
+  chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0)
