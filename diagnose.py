@@ -16,10 +16,10 @@ import json
 import os
 import sys
 
-from jaxguide import cli   # before jax: jaxguide loads lazily, so jax has not started yet
+from jaxguide import cli, cpu   # before jax: jaxguide loads lazily, so jax has not started yet
 
 if __name__ == "__main__":
-  cli.tune_host_malloc()   # re-executes with glibc backing XLA's per-step buffers by huge pages (cli.py)
+  cpu.tune_host_malloc()   # on a CPU host: re-executes with glibc backing XLA's per-step buffers by huge pages
 
 import jax
 import numpy as np

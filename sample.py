@@ -25,10 +25,10 @@ import json
 import os
 import sys
 
-from jaxguide import cli   # before jax: jaxguide loads lazily, so jax has not started yet
+from jaxguide import cli, cpu   # before jax: jaxguide loads lazily, so jax has not started yet
 
 if __name__ == "__main__":
-  cli.tune_host_malloc()   # re-executes with glibc backing XLA's per-step buffers by huge pages (cli.py)
+  cpu.tune_host_malloc()   # on a CPU host: re-executes with glibc backing XLA's per-step buffers by huge pages
 
 from absl import flags
 
@@ -74,13 +74,15 @@ flags.DEFINE_float("norm_threshold", None, "--guidance apg: bound r on the xÌ‚â‚
 flags.DEFINE_integer("recurrence", None, "--guidance x0_classifier: extra guided passes per step "
                      "(default 0).")
 flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.")
+flags.DEFINE_string("dtype", None, "The networks' compute dtype: float32 | bfloat16 (default: the "
+                    "config's sample.dtype, float32 whatever they were trained in).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   cli.check_args(argv, FLAGS.workdir, "the folder train.py wrote")
   request = sample_lib.request_from_flags(FLAGS)
-  run = pipeline.load_run(FLAGS.workdir)
+  run = pipeline.load_run(FLAGS.workdir, dtype=FLAGS.dtype)
   request = sample_lib.complete_request(request, run)
   out = sample_lib.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "samples"))
   summary = sample_lib.sample_and_write(run, request, out)

@@ -20,10 +20,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxguide import cli  # noqa: E402
+from jaxguide import cpu  # noqa: E402
 
-cli.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (cli.py)
-cli.use_cpu_cores()
+cpu.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py)
+cpu.split_host()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

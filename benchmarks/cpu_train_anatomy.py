@@ -30,7 +30,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from jaxguide import cli  # noqa: E402
+from jaxguide import cpu  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -178,7 +178,7 @@ def alternate(jobs: list, rounds: int) -> list:
 
 
 def main():
-  cli.tune_host_malloc()   # the scripts' host set-up (huge pages); children inherit it
+  cpu.tune_host_malloc(children=True)   # the scripts' host set-up (huge pages), inherited by the timed children
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sections", default="width,per_core,convs,allreduce")
   parser.add_argument("--rounds", type=int, default=2)

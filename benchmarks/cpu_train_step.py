@@ -14,7 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from jaxguide import cli  # noqa: E402
+from jaxguide import cpu  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -47,7 +47,7 @@ print(json.dumps({"model": name, "devices": n_dev, "step_ms": 1000 * med, "image
 
 
 def main():
-  cli.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (cli.py); children inherit it
+  cpu.tune_host_malloc(children=True)   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py), inherited by the timed children
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", default="score,classifier,evaluator")
   parser.add_argument("--devices", default="1,2,4")

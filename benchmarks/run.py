@@ -31,7 +31,7 @@ table at the end.
 Presets (configs/mnist.py sizes the networks and the training batch):
   cpu  mnist:quick networks (ch 16); sampling B=8 × 1000 steps and B=64 × 100 steps; training
        batch 64; float32. The JAX side splits the host into one XLA device per core as the scripts
-       do (jaxguide.cli.use_cpu_cores), PyTorch gets one thread per core.
+       do (jaxguide.cpu.split_host), PyTorch gets one thread per core.
   gpu  mnist:full networks (UNet ch 64, 2 res blocks, attention at 7x7; classifier ch 32);
        sampling B=8 × 1000 steps, B=80 × 1000 classifier-guided (the reference tutorial's 10 × 8
        grid) and B=4096 × 20 steps in float32 and bfloat16; training batch 256 in both.
@@ -66,10 +66,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from jaxguide import cli  # noqa: E402  (loads lazily: jax is not started yet)
+from jaxguide import cpu  # noqa: E402  (loads lazily: jax is not started yet)
 
 if __name__ == "__main__":
-  cli.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (cli.py);
+  cpu.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py);
   # the PyTorch side runs in this process too, under the same allocator settings
 
 import flax  # noqa: E402
@@ -861,7 +861,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--large-batch", type=int)
   parser.add_argument("--large-steps", type=int)
   parser.add_argument("--jax-devices", type=int, default=0,
-                      help="XLA CPU devices (default: one per core, jaxguide.cli.use_cpu_cores)")
+                      help="XLA CPU devices (default: one per core, jaxguide.cpu.split_host)")
   parser.add_argument("--torch-threads", type=int, default=0, help="default: one per core")
   parser.add_argument("--f32-precision", choices=("tf32", "highest"), default="tf32",
                       help="float32 products on GPU: TF32 on both sides, or IEEE float32")
@@ -881,10 +881,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def configure(args) -> dict:
   """Environment for both frameworks; must run before JAX starts its backend."""
   if args.jax_devices:
-    flags = re.sub(rf"{cli.CPU_DEVICES_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} {cli.CPU_DEVICES_FLAG}={args.jax_devices}".strip()
+    flags = re.sub(rf"{cpu.CPU_DEVICES_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} {cpu.CPU_DEVICES_FLAG}={args.jax_devices}".strip()
   else:
-    cli.use_cpu_cores()
+    cpu.split_host()
   # Both frameworks share the GPU: JAX must not grab 75 % of its memory up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -59,8 +59,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The guided grids train.py draws at the end (and sample.py's defaults). spacing: the time grid,
   # linear | logsnr; clip_x0: clip x̂₀ to [-c, c] at every step (0 = off), on for [-1, 1] images;
   # guide_conditional: classifier guidance walks ε(x, t, y) (True) or ε(x, t, ∅) (False, the
-  # reference tutorial's unconditional model).
+  # reference tutorial's unconditional model); dtype: the networks' compute dtype when sampling,
+  # float32 whatever train.dtype is (bfloat16 to choose mixed precision there too).
   c.sample = ml_collections.ConfigDict({
       "sampler": "ddim", "steps": 100, "spacing": "linear", "clip_x0": 1.0, "cfg_scale": 3.0,
-      "clf_scale": 8.0, "cfgpp_scale": 0.6, "num_per_class": 8, "guide_conditional": False})
+      "clf_scale": 8.0, "cfgpp_scale": 0.6, "num_per_class": 8, "guide_conditional": False,
+      "dtype": "float32"})
   return c

@@ -1,7 +1,7 @@
 """jaxguide: class-guided diffusion in JAX (classifier guidance and classifier-free guidance).
 
 The names below load on first use (PEP 562), so that `from jaxguide import cli` does not start
-jax: the scripts set up the host process (cli.tune_host_malloc) before jax creates its threads.
+jax: the scripts set up the host process (jaxguide.cpu.tune_host_malloc) before jax creates its threads.
 """
 import importlib
 

@@ -93,6 +93,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_train(config.train, "train")
   _check(_is_int(config.train.num_devices) and config.train.num_devices >= 0, "train.num_devices",
          config.train.num_devices, "must be 0 (all local devices) or a positive integer")
+  sample_dtype = config.sample.get("dtype", "float32") if "sample" in config else "float32"
+  _check(sample_dtype in DTYPES, "sample.dtype", sample_dtype, f"use one of {sorted(DTYPES)}")
   for name in model_names(config):
     _validate_train(model_train_config(config, name), f"{name}.train")
     arch = config[name].model.arch

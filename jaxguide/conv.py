@@ -1,19 +1,15 @@
-"""`lax.conv_general_dilated` with an input gradient that XLA:CPU runs fast inside loops.
+"""`lax.conv_general_dilated` with an input gradient that XLA:CPU runs fast inside loops
+(jaxguide.cpu uses it on the CPU only; docs/benchmarks.md, "Classifier guidance inside lax.scan").
 
-JAX's transpose rule differentiates a convolution w.r.t. its input with another convolution
-that reads the same kernel with its in/out feature axes swapped (dim_labels `01oi`). In a
-straight-line program XLA folds a transpose of the kernel into its layout and the convolution
-runs in Eigen/YNNPACK. Inside a `while` body (every `lax.scan`: the samplers), the kernel is
-part of the loop state and that does not happen: XLA:CPU emits the `01oi` convolution as plain
-loops. Measured on this project's classifier-guided Euler–Maruyama step (B = 8, 28×28,
-docs/benchmarks.md): the classifier's input gradient took 51 ms per step in a scan against
-10 ms unrolled, i.e. classifier guidance ran 2.4× slower than it should.
+JAX differentiates a convolution w.r.t. its input with a convolution that reads the kernel with
+its in/out axes swapped (`01oi`). Inside a `while` body (every sampler's `lax.scan`) XLA:CPU
+cannot fold that swap into the kernel's layout and runs the `01oi` convolution as plain loops:
+the classifier's input gradient took 51 ms per guided step against 10 ms unrolled.
 
-Here the input gradient reads an explicitly transposed copy of the kernel. The copy is behind
-`lax.optimization_barrier`, so XLA cannot fold it back into the convolution's dimension
-numbers, and the convolution it feeds is the canonical `01io` one. The copy costs one pass over
-the kernel (kilobytes); the kernel gradient is JAX's own rule. Values are identical to
-`lax.conv_general_dilated` (same operations, same order), tested in tests/conv_test.py.
+Here the tangent w.r.t. the input is written on an explicitly swapped copy of the kernel, kept
+behind `lax.optimization_barrier`, so its transpose (the input gradient) is the canonical `01io`
+convolution. It is a `custom_jvp`, so forward mode (`jax.jvp`, `jax.jacfwd`) and reverse mode
+both work, to any order. Values equal lax's (tests/conv_test.py).
 """
 from __future__ import annotations
 
@@ -23,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 
 def _hashable(value: Any) -> Any:
@@ -53,28 +50,36 @@ def _plain(static: tuple, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
                                   precision=precision, preferred_element_type=pet)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _conv(static: tuple, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
   return _plain(static, lhs, rhs)
 
 
-def _fwd(static, lhs, rhs):
-  return _plain(static, lhs, rhs), (lhs, rhs)
-
-
-def _bwd(static, residuals, g):
-  lhs, rhs = residuals
+def _swapped(static: tuple, rhs: jax.Array) -> tuple[tuple, jax.Array]:
+  """The kernel materialised with its in/out axes swapped, and the dimension numbers that read
+  it as the same convolution."""
   dn = static[4]
   out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
-  # The same convolution, written on a materialised kernel whose in/out axes are swapped: its
-  # transpose then reads that copy in the canonical order.
   swapped = lax.optimization_barrier(jnp.swapaxes(rhs, out_axis, in_axis))
   dn_swapped = lax.ConvDimensionNumbers(dn.lhs_spec, (in_axis, out_axis) + tuple(dn.rhs_spec[2:]),
                                         dn.out_spec)
-  static_swapped = static[:4] + (dn_swapped,) + static[5:]
-  _, vjp_lhs = jax.vjp(lambda l: _plain(static_swapped, l, swapped), lhs)
-  _, vjp_rhs = jax.vjp(lambda r: _plain(static, lhs, r), rhs)
-  return vjp_lhs(g)[0], vjp_rhs(g)[0]
+  return static[:4] + (dn_swapped,) + static[5:], swapped
 
 
-_conv.defvjp(_fwd, _bwd)
+def _jvp(static, primals, tangents):
+  lhs, rhs = primals
+  d_lhs, d_rhs = tangents
+  out = _plain(static, lhs, rhs)
+  terms = []
+  if not isinstance(d_lhs, SymbolicZero):   # linear in d_lhs; its transpose reads `swapped`
+    static_swapped, swapped = _swapped(static, rhs)
+    terms.append(_plain(static_swapped, d_lhs, swapped))
+  if not isinstance(d_rhs, SymbolicZero):
+    terms.append(_plain(static, lhs, d_rhs))
+  # symbolic_zeros: a tangent known to be zero (no gradient w.r.t. the kernel in guidance, none
+  # w.r.t. the input in training) costs nothing.
+  # (jax calls the rule only when some tangent is nonzero)
+  return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+_conv.defjvp(_jvp, symbolic_zeros=True)

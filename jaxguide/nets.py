@@ -4,7 +4,9 @@ Conventions shared by every module here:
   * images are NHWC, 2-D toy data is (B, D); time t is a float (B,) in [0, 1] (VP-SDE time) and
     labels y are int32 (B,); the label `num_classes` is the null label of classifier-free guidance;
   * `dtype` is the compute dtype (bfloat16 for mixed precision), parameters stay float32 and every
-    network returns float32;
+    network returns float32; the input and the first layer that reads it are float32 whatever
+    `dtype` says: bfloat16's spacing near |x| = 1 (0.004-0.008) is about σ(t_eps) = 0.004, so a
+    bfloat16 input would hide the noise the network must predict at small t;
   * no BatchNorm, so a model's variables are {'params'} only; dropout draws from the 'dropout' rng
     when `train=True`.
 Networks only: losses live in `losses.py`, sampling in `samplers.py`.
@@ -20,12 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxguide import conv
+from jaxguide import cpu
 from jaxguide.errors import ConfigError
 
-# Every convolution here: flax's, with an input gradient that stays fast inside lax.scan on CPU
-# (classifier guidance differentiates the classifier in every sampling step; see conv.py).
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv.conv_general_dilated)
+# Every convolution here: flax's, with jaxguide.cpu's input-gradient rule on the CPU.
+Conv = functools.partial(nn.Conv, conv_general_dilated=cpu.conv_general_dilated)
 
 Dtype = Any
 
@@ -73,27 +74,21 @@ class GroupNorm(nn.Module):
   """GroupNorm over channels-last input (B, ..., C), ε = 1e-5: flax's `nn.GroupNorm` computation
   (statistics in float32, E[x²] − E[x]², parameters `scale` and `bias`), output in `dtype`.
 
-  On XLA:CPU the statistics and their per-channel expansion are written as dots (channel sums
-  against a ones row, then tiny products with a group-membership matrix) instead of reductions
-  over a (..., G, C/G) view and a repeat. XLA:CPU fuses that repeat and the coefficient arithmetic
-  into the big normalise+SiLU loop, where they are recomputed for every element with div/mod
-  indexing, and emits the reductions as scalar loops; a dot is not fused, so the loop only reads
-  two (B, C) arrays. Measured in the quick networks' classifier-guided sampling step (B = 80,
-  `benchmarks/cpu_sampling.py`, docs/benchmarks.md): UNet forward 94.7 → 69.8 ms, classifier
-  input gradient 45.1 → 32.8 ms. Other backends keep the reduction form, whose tiny dots would be
-  extra kernel launches there. Both forms give flax's values to float32 rounding
-  (tests/nets_test.py) and have the same parameters.
+  impl "dots" (on the CPU, `jaxguide.cpu.group_norm_impl`) writes the statistics as matrix
+  products, which XLA:CPU runs 25-35 % faster in the guided sampling step (docs/benchmarks.md,
+  "GroupNorm on XLA:CPU"); "reduce" is the plain form every other backend gets. Both give flax's
+  values to float32 rounding (tests/nets_test.py) and have the same parameters.
   """
 
   num_groups: int
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
-  impl: str = "auto"   # "dots" | "reduce" | "auto": dots on CPU, reduce elsewhere
+  impl: str = "auto"   # "dots" | "reduce" | "auto": jaxguide.cpu decides
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c, g = x.shape[-1], self.num_groups
-    impl = ("dots" if jax.default_backend() == "cpu" else "reduce") if self.impl == "auto" else self.impl
+    impl = cpu.group_norm_impl() if self.impl == "auto" else self.impl
     if impl not in ("dots", "reduce"):
       raise ConfigError(f"GroupNorm impl={self.impl!r}: use 'auto', 'dots' or 'reduce'")
     if c % g:
@@ -169,7 +164,9 @@ class AttnBlock(nn.Module):
     b, hgt, wid, c = x.shape
     h = group_norm(self.groups, self.dtype)(x).reshape(b, hgt * wid, c)
     q, k, v = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h), 3, axis=-1)
-    logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
+    # Logits accumulated and kept in float32 whatever the compute dtype (softmax of bf16 logits
+    # loses the small differences attention is made of).
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     h = jnp.einsum("bqk,bkc->bqc", weights, v)
     h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj")(h)
@@ -232,7 +229,9 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
-    h = Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    # The input (x_t, float32) and the convolution reading it stay float32 (module docstring).
+    h = Conv(self.ch, (3, 3), dtype=jnp.float32, name="conv_in")(x.astype(jnp.float32))
+    h = h.astype(self.dtype)
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
@@ -312,7 +311,7 @@ class UNet(nn.Module):
     # Row `num_classes` is the learned null label ∅ that CFG's unconditional pass uses.
     emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype, name="label_emb")(y)
     h, skips = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
-                       self.dropout, self.groups, self.dtype)(x.astype(self.dtype), emb, train)
+                       self.dropout, self.groups, self.dtype)(x, emb, train)
     h = ResBlock(h.shape[-1], self.groups, self.dropout, self.dtype)(h, emb, train)
     if h.shape[1] in self.attn_resolutions:
       h = AttnBlock(self.groups, self.dtype)(h)
@@ -352,7 +351,7 @@ class NoisyClassifier(nn.Module):
     _check_image(x, self.ch_mult)
     emb = TimeEmbedding(self.ch, 4 * self.ch, self.dtype)(t)
     h, _ = Encoder(self.ch, self.ch_mult, self.num_res_blocks, (), self.dropout, self.groups,
-                   self.dtype)(x.astype(self.dtype), emb, train)
+                   self.dtype)(x, emb, train)
     h = nn.silu(group_norm(self.groups, self.dtype)(h))
     h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(h)
@@ -375,7 +374,9 @@ class MLPTrunk(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-    h = nn.Dense(self.hidden, dtype=self.dtype, name="dense_in")(x.astype(self.dtype))
+    # The input layer in float32 (module docstring), the rest in `dtype`.
+    h = nn.Dense(self.hidden, dtype=jnp.float32, name="dense_in")(x.astype(jnp.float32))
+    h = h.astype(self.dtype)
     dense = functools.partial(nn.Dense, self.hidden, dtype=self.dtype)
     for i in range(self.depth):
       r = dense(name=f"block_{i}_in")(nn.silu(h)) + dense(name=f"block_{i}_emb")(nn.silu(emb))
@@ -448,7 +449,9 @@ class LeNet(nn.Module):
     super().__post_init__()
 
   def setup(self):
-    self.convs = [[Conv(width, (3, 3), dtype=self.dtype, name=f"conv_{i}_{j}" if j else f"conv_{i}")
+    # The first convolution reads the input in float32 (module docstring).
+    self.convs = [[Conv(width, (3, 3), dtype=jnp.float32 if i == j == 0 else self.dtype,
+                        name=f"conv_{i}_{j}" if j else f"conv_{i}")
                    for j in range(self.convs_per_stage)] for i, width in enumerate((32, 64))]
     self.dense_0 = nn.Dense(128, dtype=self.dtype)
     self.drop = nn.Dropout(self.dropout)
@@ -457,10 +460,10 @@ class LeNet(nn.Module):
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.ndim != 4:
       raise ConfigError(f"LeNet input has shape {x.shape}: expected NHWC (batch, height, width, channels)")
-    h = x.astype(self.dtype)
+    h = x.astype(jnp.float32)
     for stage in self.convs:
       for conv in stage:
-        h = nn.relu(conv(h))
+        h = nn.relu(conv(h)).astype(self.dtype)
       h = nn.max_pool(h, (2, 2), (2, 2))
     h = self.drop(h.reshape(h.shape[0], -1), deterministic=not train)
     return nn.relu(self.dense_0(h)).astype(jnp.float32)

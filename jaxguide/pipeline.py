@@ -79,8 +79,12 @@ def _restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any |
   return jax.tree.map(np.asarray, params)   # host arrays: placed by load_run, whatever the saving devices
 
 
-def load_run(workdir: str) -> Run:
-  """Restores every trained model of a workdir; raises ConfigError when there is nothing to load."""
+def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
+  """Restores every trained model of a workdir; raises ConfigError when there is nothing to load.
+
+  The networks compute in `dtype` ("float32" or "bfloat16"; default the config's `sample.dtype`,
+  float32 when absent) whatever they were trained in: sampling walks hundreds of steps whose
+  rounding a bfloat16 network adds to, so mixed precision is the user's choice there."""
   config = checkpoint.load_config(workdir)
   info_path = os.path.join(workdir, DATA_INFO_FILE)
   if config is None or not os.path.exists(info_path):
@@ -93,12 +97,15 @@ def load_run(workdir: str) -> Run:
     raise ConfigError(f"{info_path} is damaged (it needs 'shape' and 'num_classes'): restore it, "
                       "or retrain in a new --workdir") from None
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+  dtype = dtype or config.sample.get("dtype", "float32")
+  if dtype not in config_lib.DTYPES:
+    raise ConfigError(f"--dtype (sample.dtype)={dtype!r} is not known: use one of "
+                      f"{', '.join(config_lib.DTYPES)}")
   apply_fns, params = {}, {}
   for name in config_lib.MODEL_INDEX:
     if name not in config or "model" not in config[name]:
       continue
-    dtype = config_lib.DTYPES[config_lib.model_train_config(config, name).dtype]
-    model = config_lib.build_model(config[name].model, k, dtype, sde, role=name)
+    model = config_lib.build_model(config[name].model, k, config_lib.DTYPES[dtype], sde, role=name)
     restored = _restore_ema(workdir, name, model, config_lib.example_inputs(name, shape))
     if restored is not None:
       apply_fns[name], params[name] = model.apply, restored

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxguide import guidance
@@ -50,32 +51,80 @@ from jaxguide.sde import SPACINGS, VPSDE, broadcast_to_data
 Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0] is x
 
 
-def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array,
-          save_every: int) -> tuple[jax.Array, Optional[jax.Array]]:
-  """Runs `step` over consecutive (t, t_next) pairs of `times` in one lax.scan.
+def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array, save_every: int,
+          eps_fn: Optional[EpsFn] = None, *,
+          evaluates_t_next: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
+  """Runs `step` over consecutive (t, t_next) pairs of `times` in lax.scan.
+
+  One scan, except where `eps_fn` tests guidance intervals (`guidance.intervals_of`) and `times`
+  is known at trace time: then one scan per stretch of steps that lie wholly inside or wholly
+  outside each interval, each traced under `guidance.decided_intervals` so that its step holds
+  only the branch it takes (same values, no conditional per step). A step evaluates ε at its t
+  (and, `evaluates_t_next`, at t_next: ode_heun), so that time (both) decides; a Heun step whose
+  two times straddle an end of the interval keeps the per-sample test.
 
   The trajectory is a buffer in the carry written every `save_every` steps, not a per-step scan
   output: that would hold all `steps` states (hundreds of MB for 1000 image steps).
   """
   n = times.shape[0] - 1
-  xs = (jnp.arange(n), times[:-1], times[1:], jax.random.split(key, n))
+  keys = jax.random.split(key, n)
 
-  def body(state, inputs):
-    inner, traj = state
-    i, t, t_next, k = inputs
-    inner = step(inner, t, t_next, k, i == n - 1)
-    if traj is not None:
-      slot = (i + 1) // save_every
-      keep = jnp.where((i + 1) % save_every == 0, inner[0], traj[slot])
-      traj = lax.dynamic_update_index_in_dim(traj, keep, slot, 0)
-    return (inner, traj), None
+  def run(state, start, stop, decisions):
+    def body(state, inputs):     # a new function per stretch: traced under its own decisions
+      inner, traj = state
+      i, t, t_next, k = inputs
+      inner = step(inner, t, t_next, k, i == n - 1)
+      if traj is not None:
+        slot = (i + 1) // save_every
+        keep = jnp.where((i + 1) % save_every == 0, inner[0], traj[slot])
+        traj = lax.dynamic_update_index_in_dim(traj, keep, slot, 0)
+      return (inner, traj), None
+    xs = (jnp.arange(start, stop), times[start:stop], times[start + 1:stop + 1], keys[start:stop])
+    with guidance.decided_intervals(decisions):
+      return lax.scan(body, state, xs)[0]
 
   traj = None
   if save_every:
     x = carry[0]
     traj = jnp.zeros((n // save_every + 1,) + x.shape, x.dtype).at[0].set(x)
-  (carry, traj), _ = lax.scan(body, (carry, traj), xs)
+  state = (carry, traj)
+  for start, stop, decisions in _stretches(times, guidance.intervals_of(eps_fn), evaluates_t_next):
+    state = run(state, start, stop, decisions)
+  carry, traj = state
   return carry[0], traj
+
+
+def _stretches(times: jax.Array, intervals, evaluates_t_next: bool = False) -> list[tuple[int, int, dict]]:
+  """[(start, stop, {interval: inside?})]: consecutive steps with the same verdict for every
+  interval (True: the step's times inside it, False: outside it; left out: t and t_next on either
+  side of an end, so the step tests t itself). One stretch of all steps when there is nothing
+  to decide or the grid is traced."""
+  n = times.shape[0] - 1
+  try:
+    grid = np.asarray(times, np.float32)         # concrete: the grid `sample` computes
+  except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    grid = None
+  if not intervals or grid is None:
+    return [(0, n, {})]
+  verdicts = []
+  for i in range(n):
+    ends = (grid[i], grid[i + 1]) if evaluates_t_next else (grid[i],)
+    lo_t, hi_t = min(ends), max(ends)
+    verdict = {}
+    for lo, hi in intervals:     # compared in float32, as the traced test t >= lo, t <= hi is
+      lo32, hi32 = np.float32(lo), np.float32(hi)
+      if lo32 <= lo_t and hi_t <= hi32:
+        verdict[(lo, hi)] = True
+      elif hi_t < lo32 or lo_t > hi32:
+        verdict[(lo, hi)] = False
+    verdicts.append(verdict)
+  out = []
+  for i, verdict in enumerate(verdicts):
+    if out and out[-1][2] == verdict:
+      out[-1] = (out[-1][0], i + 1, verdict)
+    else:
+      out.append((i, i + 1, verdict))
+  return out
 
 
 def _batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
@@ -93,7 +142,7 @@ def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: i
     eps = eps_fn(x, tb, y)
     x_next = _reverse_sde_step(sde, x, eps, tb, h, key)
     return (jnp.where(last, eps_to_x0(sde, x, eps, tb), x_next),)
-  return _scan(step, (x,), times, key, save_every)
+  return _scan(step, (x,), times, key, save_every, eps_fn)
 
 
 def _reverse_sde_step(sde: VPSDE, x, eps, tb, h, key):
@@ -132,7 +181,7 @@ def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
     eps = eps_fn(x, tb, y)
     x_next = _reverse_sde_step(sde, x, eps, tb, h, keys[-1])
     return (jnp.where(last, eps_to_x0(sde, x, eps, tb), x_next),)
-  return _scan(step, (x,), times, key, save_every)
+  return _scan(step, (x,), times, key, save_every, eps_fn)
 
 
 def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
@@ -151,7 +200,7 @@ def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
     d1 = velocity(x, t)
     d2 = velocity(x + dt * d1, t_next)
     return (x + 0.5 * dt * (d1 + d2),)
-  return _scan(step, (x,), times, key, save_every)
+  return _scan(step, (x,), times, key, save_every, eps_fn, evaluates_t_next=True)
 
 
 def _ancestral_coeffs(sde: VPSDE, t, t_next):
@@ -177,7 +226,7 @@ def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
     mean = (x - beta / jnp.sqrt(var_t) * eps) / jnp.sqrt(1 - beta)
     std = jnp.where(last, 0.0, jnp.sqrt(beta * var_s / var_t))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
-  return _scan(step, (x,), times, key, save_every)
+  return _scan(step, (x,), times, key, save_every, eps_fn)
 
 
 def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, save_every: int = 0):
@@ -196,7 +245,7 @@ def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, save_
     mean = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(var_s - var, 0.0)) * eps
     std = jnp.where(last, 0.0, jnp.sqrt(var))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
-  return _scan(step, (x,), times, key, save_every)
+  return _scan(step, (x,), times, key, save_every, eps_fn)
 
 
 def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
@@ -225,7 +274,7 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
     x = sigma_s / sigma_t * x - alpha_s * jnp.expm1(-h) * d
     return x, x0, h
   carry = (x, jnp.zeros_like(x), jnp.zeros((), jnp.float32))   # log_snr is float32
-  return _scan(step, carry, times, key, save_every)
+  return _scan(step, carry, times, key, save_every, eps_fn)
 
 
 # The samplers that re-noise with a Paired ε-function's second ε (CFG++); the others walk its
@@ -270,7 +319,8 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   if mesh is not None:
     # A constraint, not device_put: it works under jit too, and jit propagates it to the loop.
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
-  times = sde.time_grid(steps, t_eps, spacing)
+  with jax.ensure_compile_time_eval():   # a concrete grid, also under jit: see _scan
+    times = sde.time_grid(steps, t_eps, spacing)
   x0, traj = fn(key_loop, eps_fn, sde, x, y, times,
                 save_every=save_every if return_trajectory else 0, **sampler_kwargs)
   return (x0, traj) if return_trajectory else x0

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 from absl.testing import parameterized
 from jax import lax
 
+import pytest
+
 from jaxguide import conv, nets
+
+pytestmark = pytest.mark.cpu_exact   # XLA:CPU's HLO and exact values (tests/conftest.py)
 
 
 class ConvTest(parameterized.TestCase):

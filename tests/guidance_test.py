@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxguide import gmm, guidance
+from jaxguide import gmm, guidance, samplers
 from jaxguide.errors import ConfigError
 from jaxguide.score import eps_to_x0
 from jaxguide.sde import VPSDE
@@ -175,6 +175,43 @@ class IntervalTest(chex.TestCase):
   def test_bad_interval(self):
     with self.assertRaisesRegex(ConfigError, "interval"):
       guidance.classifier_free(exact_eps, 1.0, NULL, interval=(0.8, 0.2))
+
+  @parameterized.product(name=("cfg", "classifier", "combine"),
+                         sampler=tuple(samplers.SAMPLERS), clipped=(False, True))
+  def test_samplers_decide_the_interval_from_their_grid(self, name, sampler, clipped):
+    """sample() splits its loop where the interval begins and ends: the traced loop holds no
+    conditional (a GPU would read its predicate every step), and it draws what the per-step test
+    draws (the sampler run on a traced grid, which cannot be split)."""
+    y = jnp.arange(B) % NULL
+    g = self._transforms((0.3, 0.6))[name]
+    steps = 10
+    opts = {"clip_x0": 4.0} if clipped else {}
+    draw = lambda key: samplers.sample(key, g, SDE, (B, 2), y, sampler, steps, **opts)
+    jaxpr = jax.make_jaxpr(draw)(jax.random.PRNGKey(0)).jaxpr
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    self.assertGreaterEqual(len(scans), 2)
+    with_cond = [e.params["length"] for e in scans if "cond[" in str(e.params["jaxpr"])]
+    # Only a Heun step whose t and t_next lie on either side of an end tests t per step.
+    self.assertEqual(with_cond, [1, 1] if sampler == "ode_heun" else [])
+
+    def per_step(key, t_eps):     # t_eps traced: the grid is unknown when the loop is traced
+      return samplers.sample(key, g, SDE, (B, 2), y, sampler, steps, t_eps=t_eps, **opts)
+    self.assertIn("cond[", str(jax.make_jaxpr(per_step)(jax.random.PRNGKey(0), 1e-3)))
+    chex.assert_trees_all_close(jax.jit(draw)(jax.random.PRNGKey(1)),
+                                jax.jit(per_step)(jax.random.PRNGKey(1), 1e-3), atol=2e-5, rtol=1e-5)
+
+  def test_stretches(self):
+    times = jnp.linspace(1.0, 0.0, 11)      # steps [1, .9], [.9, .8], ..., [.1, 0]
+    self.assertEqual(samplers._stretches(times, ()), [(0, 10, {})])
+    box = (0.25, 0.6)
+    # ε at t only: t = 1 ... .7 outside, .6 .5 .4 .3 inside, .2 .1 outside
+    self.assertEqual(samplers._stretches(times, (box,)),
+                     [(0, 4, {box: False}), (4, 8, {box: True}), (8, 10, {box: False})])
+    # ε at t and t_next (Heun): [.7, .6] and [.3, .2] straddle an end and test t themselves
+    self.assertEqual(samplers._stretches(times, (box,), evaluates_t_next=True),
+                     [(0, 3, {box: False}), (3, 4, {}), (4, 7, {box: True}), (7, 8, {}),
+                      (8, 10, {box: False})])
+    self.assertEqual(guidance.intervals_of(self._transforms((0.25, 0.6))["cfg"]), ((0.25, 0.6),))
 
 
 class RetraceTest(chex.TestCase):

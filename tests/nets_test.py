@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxguide import nets
 from jaxguide.errors import ConfigError
@@ -145,6 +146,19 @@ class ImageNetsTest(chex.TestCase, parameterized.TestCase):
     ref = _unet(SMALL, (1, 2))[2](unet_vars, x, t, y)
     np.testing.assert_allclose(eps, ref, atol=0.05 * float(jnp.abs(ref).max()))
 
+  def test_bfloat16_networks_see_noise_below_bfloat16_spacing(self):
+    """x_t enters in float32: a change of 1e-3 at |x| near 1.5 (bfloat16's spacing there is
+    0.0078; σ(t_eps) = 0.004) still changes the bfloat16 UNet's and classifier's outputs."""
+    x, t, y = _inputs(SMALL)
+    x = jnp.clip(1.5 + 0.1 * x, 1.05, 1.95).astype(jnp.bfloat16).astype(jnp.float32)
+    bumped = x + 1e-3
+    # Cast to bfloat16 at the input, the bump would vanish from every pixel.
+    self.assertTrue(bool(jnp.all(x.astype(jnp.bfloat16) == bumped.astype(jnp.bfloat16))))
+    _, unet_vars, unet_apply = _unet(SMALL, (1, 2), jnp.bfloat16)
+    _, clf_vars, clf_apply = _classifier(SMALL, (1, 2), jnp.bfloat16)
+    self.assertGreater(float(jnp.abs(unet_apply(unet_vars, bumped, t, y) - unet_apply(unet_vars, x, t, y)).max()), 0)
+    self.assertGreater(float(jnp.abs(clf_apply(clf_vars, bumped, t) - clf_apply(clf_vars, x, t)).max()), 0)
+
   def test_dropout_uses_rng_in_train_mode_only(self):
     x, t, y = _inputs(SMALL)
     _, variables, apply = _unet(SMALL, (1, 2), dropout=0.5)
@@ -261,6 +275,7 @@ class PiecesTest(chex.TestCase):
     np.testing.assert_allclose(emb[:, 6], 0.0)                       # odd width: zero pad
 
 
+@pytest.mark.cpu_exact
 class GroupNormTest(chex.TestCase, parameterized.TestCase):
   """nets.GroupNorm is flax's nn.GroupNorm computed another way: same parameters, same values
   and input gradients to float32 rounding, in both of its forms."""

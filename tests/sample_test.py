@@ -212,6 +212,7 @@ BAD_SAMPLE = [
     ("autoguidance without a guide", lambda w, t: copy_without(w, t, "guide"),
      ["--guidance=autoguidance"], "guide"),
     ("x0_classifier without an evaluator", None, ["--guidance=x0_classifier"], "evaluator"),
+    ("unknown dtype", None, ["--dtype=float16"], "--dtype"),
 ]
 
 

@@ -17,21 +17,25 @@ recompiles. The null label ∅ is the integer `num_classes`.
 Options shared by the guided transforms:
   interval=(t_lo, t_hi)  guide only for t_lo <= t <= t_hi (Kynkäänniemi et al. 2024). Outside it the
       result is the plain conditional ε(x, t, y) and the extra work (the null pass, the classifier
-      backward pass) is skipped with `lax.cond`. The test is per sample: the guided branch runs
-      when any sample is inside and `jnp.where` keeps it only for those; the samplers share one t
-      across the batch, so there the branch is all-or-nothing.
+      backward pass) is not done. The samplers decide it from their time grid when they are traced
+      (`intervals_of`, `decided_intervals`): their loop runs as one `lax.scan` per stretch of
+      steps wholly inside or outside, each holding one branch, with no conditional per step.
+      Called elsewhere (a loop of your own, a traced grid, a step straddling an end), the test is
+      per sample: `lax.cond` runs the guided branch when any sample is inside and `jnp.where`
+      keeps it only for those.
   rescale=φ  CFG rescale (Lin et al. 2023): scale the guided prediction so that its per-sample std
       matches the conditional prediction's, then blend `φ · rescaled + (1 − φ) · guided`. The paper
       defines it on x̂₀/v; we apply it on ε, as diffusers does, so that it needs no SDE. φ = 0 is
       plain CFG exactly.
 """
 from jaxguide.guidance.core import (SCHEDULES, Interval, Paired, Scale, classifier, classifier_free,
-                                    classifier_grad, clip_x0, combine, dynamic_threshold, passes,
-                                    scale_at, schedule, unconditional)
+                                    classifier_grad, clip_x0, combine, decided_intervals,
+                                    dynamic_threshold, intervals_of, passes, scale_at, schedule,
+                                    unconditional)
 from jaxguide.guidance.family import (CFGPlusPlus, apg, autoguidance, cfgpp, compose, negative,
                                       renoising_pair, x0_classifier)
 
 __all__ = ["SCHEDULES", "CFGPlusPlus", "Interval", "Paired", "Scale", "apg", "autoguidance", "cfgpp",
            "classifier", "classifier_free", "classifier_grad", "clip_x0", "combine", "compose",
-           "dynamic_threshold", "negative", "passes", "renoising_pair", "scale_at", "schedule",
+           "decided_intervals", "dynamic_threshold", "intervals_of", "negative", "passes", "renoising_pair", "scale_at", "schedule",
            "unconditional", "x0_classifier"]

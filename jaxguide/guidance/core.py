@@ -2,7 +2,10 @@
 scale schedules, the one-call vmapped passes) and the x̂₀ transforms. See `jaxguide.guidance`."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import contextlib
+import contextvars
+import numbers
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +62,7 @@ def unconditional(eps_fn: EpsFn, null_label: int) -> EpsFn:
   """
   def fn(x, t, y):
     return eps_fn(x, t, jnp.full_like(y, null_label))
-  return fn
+  return tag_intervals(fn, None, eps_fn)
 
 
 def classifier_grad(log_prob_fn: LogProbFn, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
@@ -101,7 +104,7 @@ def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, 
     eps = eps_fn(x, t, y)
     guided = lambda: (_classifier_term(eps, log_prob_fn, sde, scale, x, t, y), eps)
     return _within(interval, t, guided, lambda: eps)
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: int, *,
@@ -115,7 +118,7 @@ def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: int, *,
   def fn(x, t, y):
     guided = lambda: _cfg(eps_fn, scale, null_label, rescale, x, t, y)
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
@@ -133,7 +136,7 @@ def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
       return _classifier_term(eps, log_prob_fn, sde, clf_scale, x, t, y), cond
     # Outside the interval both terms are skipped: plain conditional ε, one network pass.
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 class Paired:
@@ -156,12 +159,12 @@ def _map_x0(eps_fn: EpsFn, sde: VPSDE, f: Callable[[jax.Array], jax.Array]) -> E
     return mapped(x, t, eps_fn(x, t, y))
   pair = getattr(eps_fn, "pair", None)
   if pair is None:
-    return fn
+    return tag_intervals(fn, None, eps_fn)
 
   def paired(x, t, y):
     guided, renoise = pair(x, t, y)
     return mapped(x, t, guided), renoise
-  return Paired(lambda x, t, y: paired(x, t, y)[0], paired)
+  return tag_intervals(Paired(lambda x, t, y: paired(x, t, y)[0], paired), None, eps_fn)
 
 
 def clip_x0(eps_fn: EpsFn, sde: VPSDE, limit: float = 1.0) -> EpsFn:
@@ -255,14 +258,62 @@ def _within(interval: Interval, t: jax.Array,
   """
   if interval is None:
     return guided()[0]
+  decided = _DECIDED.get().get(static_interval(interval))
+  if decided is not None:      # the sampler knows this whole step is inside (or outside) it
+    return guided()[0] if decided else plain()
   lo, hi = interval
   inside = (t >= lo) & (t <= hi)                                            # (B,)
 
   def on():
     eps, unguided = guided()
     return jnp.where(broadcast_to_data(inside, eps), eps, unguided)
-  # lax.cond skips the extra work when no sample is inside (the samplers share one t per step).
+  # Only where the step's times are not known at trace time (a user's own loop, a traced grid)
+  # or straddle an end of the interval: lax.cond skips the extra work when no sample is inside.
   return lax.cond(jnp.any(inside), on, plain)
+
+
+# Guidance intervals, decided outside the traced step. A guided ε-function records the static
+# intervals it tests in `fn.intervals`; the samplers, whose time grid is known when they are
+# traced, split their loop into runs of steps that are wholly inside or wholly outside each
+# interval (`samplers._scan`) and trace each run under `decided_intervals`, so that the step
+# holds the guided or the plain branch alone, with no lax.cond reading a predicate every step
+# (on a GPU a conditional inside a while loop waits for its predicate on the host).
+_DECIDED: contextvars.ContextVar[dict] = contextvars.ContextVar("jaxguide_decided_intervals",
+                                                                default={})
+
+
+def static_interval(interval: Interval) -> Optional[tuple[float, float]]:
+  """(lo, hi) as floats when both ends are Python numbers (a traced interval: None)."""
+  if interval is None or not all(isinstance(v, numbers.Real) for v in interval):
+    return None
+  return float(interval[0]), float(interval[1])
+
+
+@contextlib.contextmanager
+def decided_intervals(decisions: dict[tuple[float, float], bool]) -> Iterator[None]:
+  """While tracing inside this block, `_within` takes the guided branch for each interval mapped
+  to True and the plain one for each mapped to False, without testing t."""
+  token = _DECIDED.set({**_DECIDED.get(), **decisions})
+  try:
+    yield
+  finally:
+    _DECIDED.reset(token)
+
+
+def intervals_of(eps_fn: Callable) -> tuple[tuple[float, float], ...]:
+  """The static guidance intervals an ε-function tests (see `decided_intervals`)."""
+  return tuple(getattr(eps_fn, "intervals", ()))
+
+
+def tag_intervals(fn: Callable, interval: Interval, *inner: Callable) -> Callable:
+  """Records on `fn` the intervals of the ε-functions it wraps and its own static `interval`."""
+  found = [i for f in inner for i in intervals_of(f)]
+  own = static_interval(interval)
+  if own is not None:
+    found.append(own)
+  if found:
+    fn.intervals = tuple(dict.fromkeys(found))
+  return fn
 
 
 def _check_interval(interval: Interval) -> None:

@@ -17,7 +17,8 @@ from jax.typing import ArrayLike
 
 from jaxguide.errors import ConfigError
 from jaxguide.guidance.core import (Interval, Paired, Scale, _check_interval, _within, cond_and_null,
-                                    passes, scale_at, selected_log_prob, subtract_gradient)
+                                    passes, scale_at, selected_log_prob, subtract_gradient,
+                                    tag_intervals)
 from jaxguide.score import EpsFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -41,7 +42,7 @@ def negative(eps_fn: EpsFn, scale: Scale, negative_label: ArrayLike, *,
       cond, away = passes(eps_fn, x, t, jnp.stack([y, neg]))
       return _lerp(away, cond, scale, t), cond
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 def compose(eps_fn: EpsFn, labels: ArrayLike, weights: ArrayLike, null_label: int) -> EpsFn:
@@ -78,7 +79,7 @@ def autoguidance(eps_fn: EpsFn, weak_eps_fn: EpsFn, scale: Scale, *,
       good = eps_fn(x, t, y)
       return _lerp(weak_eps_fn(x, t, y), good, scale, t), good
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 def apg(eps_fn: EpsFn, sde: VPSDE, scale: Scale, null_label: int, *, eta: float = 0.0,
@@ -112,7 +113,7 @@ def apg(eps_fn: EpsFn, sde: VPSDE, scale: Scale, null_label: int, *, eta: float 
       d_hat = d_c + (s - 1.0) * (delta - parallel + eta * parallel)
       return x0_to_eps(sde, x, d_hat, t), cond
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *, recurrence: int = 0,
@@ -146,7 +147,7 @@ def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *, recur
         out, _ = guided_once(x_again, t, y)
       return out, eps
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return fn
+  return tag_intervals(fn, interval, eps_fn)
 
 
 class CFGPlusPlus(Paired):
