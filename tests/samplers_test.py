@@ -81,6 +81,19 @@ def labels(n: int) -> jax.Array:
   return jnp.arange(n) % MIX.num_classes
 
 
+def assert_mixture_moments(x):
+  """Class frequencies, then each component's mean and spread, as the mixture's; returns the
+  nearest component of each sample and the components' means and stds."""
+  comp = nearest_component(x)
+  np.testing.assert_allclose(np.bincount(class_of(x), minlength=4) / N, 0.25, atol=0.05)
+  means, stds = np.asarray(MIX.means), np.asarray(MIX.stds)
+  for k in range(len(means)):
+    members = x[comp == k]
+    np.testing.assert_allclose(members.mean(0), means[k], atol=0.1, err_msg=f"component {k}")
+    np.testing.assert_allclose(members.std(0), stds[k], rtol=0.3, err_msg=f"component {k}")
+  return comp, means, stds
+
+
 class MixtureTest(chex.TestCase):
 
   @parameterized.parameters(*STEPS)
@@ -88,13 +101,7 @@ class MixtureTest(chex.TestCase):
     x = np.asarray(plain(name)(KEY, y=jnp.full((N,), NULL)))
     chex.assert_shape(x, (N, 2))
     chex.assert_tree_all_finite(x)
-    comp = nearest_component(x)
-    np.testing.assert_allclose(np.bincount(class_of(x), minlength=4) / N, 0.25, atol=0.05)
-    means, stds = np.asarray(MIX.means), np.asarray(MIX.stds)
-    for k in range(len(means)):
-      members = x[comp == k]
-      np.testing.assert_allclose(members.mean(0), means[k], atol=0.1, err_msg=f"component {k}")
-      np.testing.assert_allclose(members.std(0), stds[k], rtol=0.3, err_msg=f"component {k}")
+    comp, means, stds = assert_mixture_moments(x)
     # A 2-D Gaussian puts 1 − e^{−4.5} ≈ 0.989 of its mass within 3 std of its mean.
     dist = np.linalg.norm(x - means[comp], axis=-1)
     self.assertGreaterEqual(np.mean(dist < 3 * stds[comp]), 0.9 * 0.989)
@@ -116,13 +123,7 @@ class BFloat16Test(chex.TestCase):
                                      steps=STEPS[name]))
     x = np.asarray(draw(KEY, y=jnp.full((N,), NULL)))
     chex.assert_tree_all_finite(x)
-    comp = nearest_component(x)
-    np.testing.assert_allclose(np.bincount(class_of(x), minlength=4) / N, 0.25, atol=0.05)
-    means, stds = np.asarray(MIX.means), np.asarray(MIX.stds)
-    for k in range(len(means)):
-      members = x[comp == k]
-      np.testing.assert_allclose(members.mean(0), means[k], atol=0.1, err_msg=f"component {k}")
-      np.testing.assert_allclose(members.std(0), stds[k], rtol=0.3, err_msg=f"component {k}")
+    assert_mixture_moments(x)
     # ... and its final step adds no visible rounding noise: the same key in float32 lands within
     # bfloat16's relative spacing of the bfloat16 draw for nearly every sample.
     ref = np.asarray(plain(name)(KEY, y=jnp.full((N,), NULL)))
