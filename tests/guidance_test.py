@@ -120,7 +120,9 @@ class ClassifierTest(chex.TestCase):
 
   def test_gradient_matches_finite_differences(self):
     x, t, y = noisy_batch()
-    with jax.enable_x64(True):
+    # jax.enable_x64 is jax >= 0.8; the floor (0.6.1) has jax.experimental.enable_x64.
+    x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+    with x64(True):
       x = jnp.asarray(np.asarray(x), jnp.float64)
       grad = jax.jit(guidance.classifier_grad, static_argnums=0)(exact_log_prob, x, t, y)
       chex.assert_type(grad, jnp.float64)
