@@ -1,0 +1,106 @@
+"""Every guidance kind on one fidelity-against-accuracy frontier, from benchmarks/quality.py runs
+on the same workdir, sampler, seed and sample count (each kind's rows may come from another run:
+they are drawn with the same key, so they combine).
+
+  python benchmarks/frontier.py runs/mnist4/quality.json runs/mnist4/quality_family.json \
+      --png docs/images/frontier_quick.png --judge evaluator
+
+Prints a markdown table per judge: per kind its best accuracy with the FD ÷ floor there, its
+lowest FD ÷ floor, and the lowest FD ÷ floor among its points with accuracy ≥ --at (95 %). The
+unguided point (`none`, the conditional network at s = 1) starts every line whose kind is
+exactly that network at its neutral scale (CFG, APG and autoguidance at s = 1; classifier and
+clean-classifier guidance at w = 0 on ε(x, t, y)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxguide import plotting  # noqa: E402
+
+# Kinds whose neutral scale is the conditional network itself, and that scale.
+NEUTRAL = {"cfg": 1.0, "apg": 1.0, "autoguidance": 1.0, "classifier": 0.0, "x0_classifier": 0.0}
+CONDITIONAL_BASE = ("classifier", "x0_classifier")   # neutral only when guiding ε(x, t, y)
+
+
+def load(paths: list[str]) -> tuple[dict, dict[str, dict]]:
+  """(the runs' shared settings, per judge: floor and all rows), refusing runs that differ."""
+  runs = [json.load(open(p)) for p in paths]
+  keys = ("workdir", "options", "num_per_class")
+  first = {k: runs[0][k] for k in keys}
+  for path, run in zip(paths, runs):
+    if {k: run[k] for k in keys} != first:
+      raise SystemExit(f"error: {path} was drawn otherwise ({ {k: run[k] for k in keys} }): "
+                       f"combine only runs of {first}")
+  judges = {}
+  for name in ("evaluator", "judge2"):
+    present = [r for r in runs if name in r]
+    if not present:
+      continue
+    judges[name] = {"floor": present[0][name]["floor"],
+                    "rows": [row for r in present for row in r[name]["rows"]]}
+  return first, judges
+
+
+def with_neutral(rows: list[dict], guide_conditional: bool) -> list[dict]:
+  """The rows, plus the unguided point copied as each kind's neutral scale."""
+  none = [r for r in rows if r["guidance"] == "none"]
+  out = [r for r in rows if r["guidance"] != "none"]
+  if not none:
+    return out
+  for kind, neutral in NEUTRAL.items():
+    if kind in CONDITIONAL_BASE and not guide_conditional:
+      continue
+    if any(r["guidance"] == kind for r in out) and not any(
+        r["guidance"] == kind and r["scale"] == neutral for r in out):
+      out.append({**none[0], "guidance": kind, "scale": neutral})
+  return none + out
+
+
+def table(rows: list[dict], floor: float, at: float) -> str:
+  lines = ["| kind | scales | best accuracy (scale, FD ÷ floor) | lowest FD ÷ floor (scale, accuracy) "
+           f"| lowest FD ÷ floor at accuracy ≥ {at:.0%} (scale) |", "|---|---|---|---|---|"]
+  for kind in dict.fromkeys(r["guidance"] for r in rows):
+    mine = sorted((r for r in rows if r["guidance"] == kind), key=lambda r: r["scale"])
+    ratio = lambda r: r["frechet_distance"] / floor
+    best = max(mine, key=lambda r: (r["accuracy"], -r["frechet_distance"]))
+    low = min(mine, key=ratio)
+    good = [r for r in mine if r["accuracy"] >= at]
+    at_cell = f"{ratio(min(good, key=ratio)):.2f}× ({min(good, key=ratio)['scale']:g})" if good else "not reached"
+    scales = ", ".join(f"{r['scale']:g}" for r in mine)
+    lines.append(f"| {kind} | {scales} | {best['accuracy']:.1%} "
+                 f"({best['scale']:g}, {ratio(best):.2f}×) | {ratio(low):.2f}× ({low['scale']:g}, "
+                 f"{low['accuracy']:.1%}) | {at_cell} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("runs", nargs="+", help="benchmarks/quality.py --json files")
+  p.add_argument("--png", default=None, help="frontier plot (the --judge's verdicts)")
+  p.add_argument("--judge", default="evaluator", help="evaluator | judge2, for the plot")
+  p.add_argument("--at", type=float, default=0.95, help="accuracy for the last column")
+  args = p.parse_args()
+  settings, judges = load(args.runs)
+  if args.judge not in judges:
+    raise SystemExit(f"error: --judge={args.judge}: the runs hold {', '.join(judges)}")
+  guide_conditional = bool(settings["options"].get("guide_conditional", False))
+  opts = settings["options"]
+  for name, judge in judges.items():
+    rows = with_neutral(judge["rows"], guide_conditional)
+    print(f"\n{name} (FD floor {judge['floor']:.2f}; {opts['sampler']} {opts['steps']} steps, "
+          f"{settings['num_per_class']} per class)\n")
+    print(table(rows, judge["floor"], args.at))
+    if args.png and name == args.judge:
+      plotting.save_frontier(rows, args.png, floor=judge["floor"],
+                             title=f"{settings['workdir']}: {opts['sampler']}, {opts['steps']} steps, "
+                                   f"{settings['num_per_class'] * len(rows[0]['per_class'])} samples per point "
+                                   f"({name})")
+
+
+if __name__ == "__main__":
+  main()
