@@ -129,9 +129,17 @@ class Checkpointer:
         # Saves on multiples of save_every only (orbax would also save the first step it sees).
         should_save_fn=lambda step, last_saved: step % save_every == 0,
         cleanup_tmp_directories=not read_only,   # the next save removes what a killed one left
-        enable_async_checkpointing=False)    # a returned save is on disk: simple, preemption-safe
+        enable_async_checkpointing=False,    # a returned save is on disk: simple, preemption-safe
+        # With several processes a save is collective (each writes what it owns, process 0
+        # finalizes); a read is each process's own, with no barrier: process 0 alone can sample.
+        multiprocessing_options=self._read_alone() if read_only else ocp.options.MultiprocessingOptions())
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
+
+  @staticmethod
+  def _read_alone() -> "ocp.options.MultiprocessingOptions":
+    index = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -33,6 +33,44 @@ def check_args(argv: Sequence[str], workdir: str | None, hint: str) -> None:
     fail(f"--workdir is required: {hint}, e.g. --workdir runs/mnist")
 
 
+def distributed_args(coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None) -> dict | None:
+  """The explicit `jax.distributed.initialize` arguments, checked; None when none is given (then
+  `--distributed` alone leaves them to the cluster's auto-detection). ConfigError when they are
+  half given or out of range."""
+  given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+           "--process_id": process_id}
+  if all(v is None for v in given.values()):
+    return None
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ConfigError(f"{', '.join(missing)} missing: give --coordinator_address, --num_processes "
+                      "and --process_id together, or --distributed alone for the cluster's "
+                      "auto-detection")
+  host, _, port = coordinator_address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"--coordinator_address={coordinator_address}: give HOST:PORT, e.g. "
+                      "10.0.0.1:1234 (process 0's host)")
+  if num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes}: give at least 1")
+  if not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process_id={process_id} is out of range for --num_processes="
+                      f"{num_processes}: use 0 .. {num_processes - 1}")
+  return {"coordinator_address": coordinator_address, "num_processes": num_processes,
+          "process_id": process_id}
+
+
+def start_distributed(auto: bool, coordinator_address: str | None, num_processes: int | None,
+                      process_id: int | None) -> None:
+  """`jax.distributed.initialize`, before jax's backend starts: with the explicit flags when
+  given (checked first), else auto-detected when `auto` (--distributed); otherwise nothing."""
+  explicit = distributed_args(coordinator_address, num_processes, process_id)
+  if explicit is None and not auto:
+    return
+  import jax
+  jax.distributed.initialize(**(explicit or {}))
+
+
 def one_line(message: str) -> str:
   """The line that says what went wrong: a config file's own error is the last line of the
   traceback text that ml_collections embeds in its message."""

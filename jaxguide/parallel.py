@@ -20,8 +20,11 @@ DATA_AXIS = "data"
 
 
 def data_mesh(devices=None) -> Mesh:
-  """A 1-D mesh named `data` over the given (default: all) devices."""
-  devices = jax.devices() if devices is None else devices
+  """A 1-D mesh named `data` over the given devices, or (default) `jax.make_mesh` over every
+  device of every process, in the order make_mesh chooses for the hardware."""
+  if devices is None or list(devices) == jax.devices():
+    auto = (jax.sharding.AxisType.Auto,)   # shardings given by hand, as on an explicit Mesh
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=auto)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -97,13 +97,23 @@ def make_train_step(loss_fn: LossFn, mesh: jax.sharding.Mesh) -> Callable:
   return jax.jit(train_step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
 
 
-class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl."""
+def is_primary() -> bool:
+  """Process 0: with several processes the one that writes metrics, reports and JSON and shows
+  progress (checkpoints are written by all of them together)."""
+  return jax.process_index() == 0
 
-  def __init__(self, workdir: str):
+
+class MetricsWriter:
+  """Appends one JSON object per line to workdir/metrics.jsonl. With several processes only
+  process 0 writes or rewinds (`enabled`): each step's line appears once."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = is_primary() if enabled is None else enabled
 
   def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -111,7 +121,7 @@ class MetricsWriter:
     """Drops `model`'s records after `step`: a run killed after its last checkpoint logged steps
     that the resumed run repeats, and each step should appear once. A line cut short by the kill
     is dropped too. Rewritten atomically; nothing is written when nothing is dropped."""
-    if not os.path.exists(self.path):
+    if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = f.read().splitlines()
@@ -200,7 +210,8 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
                               start_step=start, stop_step=tc.steps,
                               process_index=jax.process_index(), process_count=jax.process_count())
   speed = {"images_per_s": float("nan"), "compile_s": float("nan")}
-  bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=name, disable=not progress,
+  bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=name,
+             disable=not (progress and is_primary()),
              dynamic_ncols=True, mininterval=1.0)
   steps, log_every, ckpt_every = int(tc.steps), int(tc.log_every), int(tc.ckpt_every)  # not per step
   t0 = time.perf_counter()
@@ -276,6 +287,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Everything is checked before the workdir is created or written: bad input changes nothing.
   config_lib.validate(config)
   config_lib.check_workdir(workdir, config)
+  if jax.process_count() > 1 and config.train.num_devices:
+    raise ConfigError(f"train.num_devices={config.train.num_devices} with {jax.process_count()} "
+                      "processes: use 0 (every device of every process), or run one process")
   mesh = parallel.data_mesh(config_lib.devices(config))
   # The training split may be lazy (tfds: Grain reads its records as the steps need them); the
   # test split is in memory (and cached, so the figures after training do not read it again).
@@ -286,9 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                              field=f"{name}.train.batch_size")
   specs = {name: config_lib.model_spec(name, config, train_ds) for name in config_lib.model_names(config)}
   resume_from = {name: read_resumable(spec, config, workdir) for name, spec in specs.items()}
-  config_lib.make_workdir(workdir)
-  checkpoint.save_config(workdir, config)
-  pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
+  config_lib.make_workdir(workdir)   # every process (on a shared filesystem: the same folder)
+  if is_primary():
+    checkpoint.save_config(workdir, config)
+    pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
   writer = MetricsWriter(workdir)
   # Models trained here replace their entries; those trained by an earlier command stay (e.g. a
   # guide added with --config.models=guide keeps the score network's figures).
@@ -306,5 +321,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     report[name] = {**speed, "steps": int(state.step),
                     "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
                     **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
-  checkpoint.atomic_write_text(report_path, json.dumps(report, indent=2))
+  if is_primary():
+    checkpoint.atomic_write_text(report_path, json.dumps(report, indent=2))
   return report

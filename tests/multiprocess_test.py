@@ -1,0 +1,144 @@
+"""Several processes with jax.distributed, for real, on 127.0.0.1: 2 processes x 1 CPU device train
+exactly what 1 process x 2 devices trains, and only process 0 writes metrics and reports."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import pytest
+
+from jaxguide import cli, train_lib
+from jaxguide.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 180
+# toy2d as tests/conftest.py's toy_config, score network only.
+TOY = ["--config=configs/toy2d.py", "--config.models=score", "--config.train.steps=40",
+       "--config.train.batch_size=64", "--config.train.log_every=10", "--config.train.ckpt_every=20",
+       "--config.train.warmup_steps=5", "--config.train.schedule=constant",
+       "--config.score.model.hidden=32", "--config.score.model.depth=2", "--noprogress"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def env(devices: int) -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def start(args, devices: int, log_dir, name: str) -> subprocess.Popen:
+  out = open(os.path.join(log_dir, f"{name}.out"), "w")
+  err = open(os.path.join(log_dir, f"{name}.err"), "w")
+  return subprocess.Popen([sys.executable, "train.py", *TOY, *args], cwd=ROOT, env=env(devices),
+                          stdout=out, stderr=err, text=True)
+
+
+def launch(args_per_process, devices: int, log_dir, name: str) -> list[dict]:
+  """Starts one train.py per argument list, waits for all (bounded), kills all if any fails or
+  runs over; returns each one's exit code, stdout and stderr."""
+  procs = [start(args, devices, log_dir, f"{name}{i}") for i, args in enumerate(args_per_process)]
+  try:
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  results = []
+  for i, p in enumerate(procs):
+    read = lambda ext: open(os.path.join(log_dir, f"{name}{i}.{ext}")).read()
+    results.append({"rc": p.returncode, "out": read("out"), "err": read("err")})
+  return results
+
+
+def distributed(n: int, port: int, *extra) -> list[list[str]]:
+  return [[f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}",
+           *extra] for i in range(n)]
+
+
+def quiet(text: str) -> bool:
+  """Nothing but gloo's own connection line (printed by its C++ side on every process)."""
+  return all(l.startswith("[Gloo]") for l in text.splitlines() if l.strip())
+
+
+@pytest.mark.cpu_exact
+def test_two_processes_equal_two_devices(tmp_path):
+  from tests.train_test import final_tree
+  two, one = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  logs = str(tmp_path)
+  # Both runs at once (3 processes on the CPUs): the test's wall time is the slower one's.
+  single = start([f"--workdir={one}", "--nogrids"], 2, logs, "single")
+  try:
+    runs = launch(distributed(2, free_port(), f"--workdir={two}", "--nogrids"), 1, logs, "multi")
+    single.wait(timeout=TIMEOUT_S)
+  finally:
+    if single.poll() is None:
+      single.kill()
+      single.wait()
+  for r in runs:
+    assert r["rc"] == 0, r["err"][-3000:]
+  assert single.returncode == 0, open(os.path.join(logs, "single0.err")).read()[-3000:]
+  a, b = final_tree(one), final_tree(two)
+  assert int(a["step"]) == int(b["step"]) == 40
+  chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0)
+  # Each logged step once (one writer), with the one-process run's losses.
+  read = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
+  records = read(two)
+  assert [r["step"] for r in records] == [10, 20, 30, 40]
+  assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in read(one)], abs=1e-6)
+  # Process 0 printed the report; process 1 said nothing.
+  report = json.loads(runs[0]["out"][runs[0]["out"].index("{"):])
+  assert report["score"]["steps"] == 40
+  assert json.loads(open(os.path.join(two, "train_report.json")).read())["score"]["steps"] == 40
+  for f in ("config.json", "data_info.json"):
+    assert os.path.exists(os.path.join(two, f))
+  assert quiet(runs[1]["out"]) and quiet(runs[1]["err"]), runs[1]
+
+
+def test_other_processes_write_only_checkpoints(toy_config, tmp_path, monkeypatch):
+  """What a process other than 0 leaves in the workdir: its part of the checkpoints, nothing else."""
+  toy_config.models = "score"
+  toy_config.train.steps = 20
+  monkeypatch.setattr(train_lib, "is_primary", lambda: False)
+  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+def test_refused_before_anything_is_written(tmp_path):
+  """train.num_devices with several processes, and a global batch the devices do not divide:
+  every process exits 2 with one line, and the workdir is not created."""
+  for name, override in (("devices", "--config.train.num_devices=1"),
+                         ("batch", "--config.train.batch_size=63")):
+    workdir = tmp_path / name
+    runs = launch(distributed(2, free_port(), f"--workdir={workdir}", override, "--nogrids"), 1,
+                  str(tmp_path), name)
+    for r in runs:
+      lines = [l for l in r["err"].splitlines() if l.strip()]
+      assert r["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), r
+    assert "num_devices" in runs[0]["err"] if name == "devices" else "63" in runs[0]["err"]
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((None, 2, None), "--coordinator_address, --process_id missing"),
+    (("127.0.0.1:1234", 2, 2), "--process_id=2 is out of range for --num_processes=2"),
+    (("127.0.0.1:1234", 2, -1), "--process_id=-1 is out of range"),
+    (("127.0.0.1", 2, 0), "give HOST:PORT"),
+    (("127.0.0.1:1234", 0, 0), "--num_processes=0"),
+])
+def test_distributed_flags_checked(args, message):
+  with pytest.raises(ConfigError, match=message):
+    cli.distributed_args(*args)
+
+
+def test_distributed_flags_passed():
+  assert cli.distributed_args(None, None, None) is None
+  assert cli.distributed_args("10.0.0.1:1234", 4, 3) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
