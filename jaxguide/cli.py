@@ -71,6 +71,14 @@ def start_distributed(auto: bool, coordinator_address: str | None, num_processes
   jax.distributed.initialize(**(explicit or {}))
 
 
+def leave_distributed() -> None:
+  """Several processes refusing the same bad input: each leaves the coordination service in step
+  (its shutdown waits for every process), so that process 0, whose exit takes the coordinator
+  down, does not abort the others before they print their own line."""
+  if "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized():
+    sys.modules["jax"].distributed.shutdown()
+
+
 def one_line(message: str) -> str:
   """The line that says what went wrong: a config file's own error is the last line of the
   traceback text that ml_collections embeds in its message."""
@@ -112,5 +120,6 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except ConfigError as e:
+      leave_distributed()
       fail(str(e))
   app.run(guarded, flags_parser=parse_flags)
