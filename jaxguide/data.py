@@ -479,8 +479,8 @@ def batch_at(ds: Dataset, step: int, batch_size: int, seed: int) -> dict[str, np
 
 
 def process_rows(idx: np.ndarray, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """Process `process_index`'s contiguous share of a global batch's indices (as
-  `parallel.process_slice` takes rows): each process reads only the examples it feeds."""
+  """Process `process_index`'s contiguous share of a global batch's indices: each process reads
+  only the examples it feeds."""
   if process_count == 1:
     return idx
   if len(idx) % process_count:

@@ -51,19 +51,6 @@ def check_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch_size"
         f"{field}={batch_size} is not divisible by the {n} devices: use a multiple of {n}")
 
 
-def process_slice(tree: Any) -> Any:
-  """This process's rows of a global host batch: every process computes the same global batch
-  (data order is a pure function of seed and step) and keeps its contiguous share."""
-  count, index = jax.process_count(), jax.process_index()
-  if count == 1:
-    return tree
-
-  def take(x):
-    n = x.shape[0] // count
-    return x[index * n:(index + 1) * n]
-  return jax.tree.map(take, tree)
-
-
 @functools.lru_cache(maxsize=8)
 def _placer(mesh: Mesh):
   """An identity under jit whose input and output are split over `data`: it takes numpy arrays

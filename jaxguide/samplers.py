@@ -100,11 +100,11 @@ def _stretches(times: jax.Array, intervals, evaluates_t_next: bool = False) -> l
   side of an end, so the step tests t itself). One stretch of all steps when there is nothing
   to decide or the grid is traced."""
   n = times.shape[0] - 1
+  if not intervals:
+    return [(0, n, {})]
   try:
     grid = np.asarray(times, np.float32)         # concrete: the grid `sample` computes
   except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    grid = None
-  if not intervals or grid is None:
     return [(0, n, {})]
   verdicts = []
   for i in range(n):
