@@ -15,8 +15,14 @@ config's sample.cfg_scale (classifier: sample.clf_scale).
 Sampling stops at the score network's training t_eps; the time grid (--spacing) and x̂₀ clipping
 (--clip_x0, on at 1 for the image presets, off for toy2d) default to the config's sample block.
 
+A workdir trained on text (configs/mnist_text.py) samples prompts instead of labels:
+
+  python sample.py --workdir runs/mnist_text --prompt "a handwritten seven" --prompt "number two" \
+                   --scale 1,3,5 --num_per_class 8 [--negative_prompt "the digit 1"] [--evaluate]
+
 Writes samples.npz (image float32 in [-1, 1] (N, H, W, C), clipped there unless --raw, toy2d points
-never clipped; label, scale, guidance), one PNG grid per kind and scale (classes as rows), with
+never clipped; label, scale, guidance, and for prompts `prompt`, `label` the class it names),
+one PNG grid per kind and scale (classes or prompts as rows), with
 --gif the denoising trajectory of each kind's first scale, and with --evaluate report.json,
 report.md (one row per kind × scale: accuracy, worst class, Fréchet distance beside its
 train-vs-test floor and noise ceiling, diversity) and sweep.png.
@@ -48,6 +54,14 @@ flags.DEFINE_string("spacing", None, "Time grid: linear (uniform in t) | logsnr 
                     "log(α²/σ²)). Default: the config's sample.spacing.")
 flags.DEFINE_integer("num_per_class", None, "Samples per label and scale.")
 flags.DEFINE_string("labels", None, "Comma list of class indices (default: every class).")
+flags.DEFINE_multi_string("prompt", None, "A text run (configs/mnist_text.py): a prompt to sample, "
+                          "e.g. 'a handwritten seven'; repeat for several. Default: one held-out "
+                          "caption per class.")
+flags.DEFINE_string("prompt_set", None, "A text run: sample every caption of a split, held_out "
+                    "(the paraphrases never trained on) or train, instead of --prompt.")
+flags.DEFINE_string("negative_prompt", None, "A text run: guide away from this prompt in the "
+                    "empty prompt's place, ε(neg) + s (ε(prompt) − ε(neg)) (--guidance negative, "
+                    "the default with it).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
 flags.DEFINE_bool("gif", False, "Also write a GIF of the denoising trajectory.")

@@ -16,6 +16,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.models = "score,classifier,evaluator"
 
   c.data = ml_collections.ConfigDict({"source": "mnist5k", "data_dir": ""})
+  # What the score network is conditioned on: "label" (integer classes, ∅ = num_classes), or
+  # "text" (caption encodings, ∅ = the encoding of ""; configs/mnist_text.py, jaxguide.conditioning).
+  c.condition = ml_collections.ConfigDict({"kind": "label"})
   c.sde = ml_collections.ConfigDict({"beta_min": 0.01, "beta_max": 10.0})
 
   c.train = ml_collections.ConfigDict({

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxguide import losses, nets, score
+from jaxguide import conditioning, losses, nets, score
 from jaxguide.checkpoint import load_config
 from jaxguide.errors import ConfigError
 from jaxguide.sde import VPSDE
@@ -31,7 +31,7 @@ ARCHS: dict[str, Callable[..., Any]] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections that must match between a workdir's saved config and the one resuming it.
 FROZEN_SECTIONS = ("data", "sde", "score.model", "classifier.model", "evaluator.model",
-                   "guide.model")
+                   "guide.model", "condition")
 
 
 def model_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -117,6 +117,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if role in model_names(config):
         param = config[role].model.get("param", "eps")
         _check(param in PARAMS, f"{role}.model.param", param, f"use one of {PARAMS}")
+  _validate_condition(config)
+
+
+def _validate_condition(config: ml_collections.ConfigDict) -> None:
+  """condition.kind against the score networks' cond_dim: labels need 0, text a positive size."""
+  kind = conditioning.kind_of(config)
+  _check(kind in conditioning.KINDS, "condition.kind", kind, f"use one of {conditioning.KINDS}")
+  for role in SCORE_ROLES:
+    if role not in config or "model" not in config[role]:
+      continue
+    dim = config[role].model.get("cond_dim", 0)
+    if kind == "label":
+      _check(dim == 0, f"{role}.model.cond_dim", dim,
+             "must be 0 for label conditioning (condition.kind=label), or set condition.kind=text")
+    else:
+      _check(_is_int(dim) and dim > 0, f"{role}.model.cond_dim", dim,
+             "must be the text encoder's embedding size for condition.kind=text, e.g. 384")
+  if kind == "text":
+    conditioning.captions(config.condition)   # every template well formed
 
 
 def devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
@@ -188,6 +207,7 @@ class ModelSpec:
   init_args: tuple
   loss_fn: losses.LossFn
   num_classes: int
+  conditions: Any = None    # conditioning.Conditions of a score network on vectors, else None
 
 
 PARAMS = ("eps", "v")   # what a score network's output means (score.model.param)
@@ -210,16 +230,28 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: A
   return model
 
 
-def example_inputs(name: str, shape: tuple[int, ...]) -> tuple:
+def example_inputs(name: str, shape: tuple[int, ...], cond_dim: int = 0) -> tuple:
   """One example of what each role's network is called with: score (x, t, y), classifier (x, t),
-  evaluator (x,); for `init` and shape checks."""
+  evaluator (x,); for `init` and shape checks. y: a label, or a vector (1, cond_dim) if > 0."""
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-  t, y = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+  t = jnp.zeros((1,), jnp.float32)
+  y = jnp.zeros((1, cond_dim), jnp.float32) if cond_dim else jnp.zeros((1,), jnp.int32)
   return {"score": (x, t, y), "guide": (x, t, y), "classifier": (x, t), "evaluator": (x,)}[name]
 
 
-def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> ModelSpec:
+def cond_dim(config: ml_collections.ConfigDict, name: str) -> int:
+  """The size of a role's condition vectors (0: labels; only score networks take conditions)."""
+  return int(config[name].model.get("cond_dim", 0)) if name in SCORE_ROLES else 0
+
+
+def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any,
+               conditions: Any = None) -> ModelSpec:
+  """A role's network and loss; `conditions` (conditioning.Conditions) for score networks on
+  condition vectors (config.condition.kind = text)."""
   tc = model_train_config(config, name)
+  if cond_dim(config, name) and conditions is None:
+    raise ValueError(f"model_spec({name!r}): a score network on condition vectors needs the "
+                     "training conditions (conditioning.for_training)")
   sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
   model = build_model(config[name].model, train_ds.num_classes, DTYPES[tc.dtype], sde, role=name)
   if name in SCORE_ROLES:
@@ -229,9 +261,12 @@ def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any) -> M
                                 min_snr_gamma=config.score.get("min_snr_gamma", 5.0),
                                 t_sampling=config.score.get("t_sampling", "uniform"),
                                 logsnr_mean=config.score.get("logsnr_mean", 0.0),
-                                logsnr_std=config.score.get("logsnr_std", 3.0))
+                                logsnr_std=config.score.get("logsnr_std", 3.0),
+                                conditions=conditions if cond_dim(config, name) else None)
   elif name == "classifier":
     loss = losses.make_noisy_classifier_loss(model.apply, sde, t_eps=tc.t_eps)
   else:
     loss = losses.make_evaluator_loss(model.apply, max_shift=config.evaluator.get("max_shift", 2))
-  return ModelSpec(name, model, example_inputs(name, train_ds.shape), loss, train_ds.num_classes)
+  dim = cond_dim(config, name)
+  return ModelSpec(name, model, example_inputs(name, train_ds.shape, dim), loss, train_ds.num_classes,
+                   conditions if dim else None)

@@ -95,8 +95,13 @@ def evaluate_model(name: str, spec: Any, config: ml_collections.ConfigDict, para
     acc = make_noisy_accuracy(apply_fn, params, sde)
     return {f"test_accuracy_t{t:g}": acc(x, y, t) for t in EVAL_TIMES}
   mse = make_eps_mse(apply_fn, params, sde)
-  out = {f"test_eps_mse_t{t:g}": mse(x, y, t) for t in EVAL_TIMES}
-  out["test_eps_mse_null_t0.5"] = mse(x, np.full_like(y, spec.num_classes), 0.5)
+  if spec.conditions is None:
+    cond, null = y, np.full_like(y, spec.num_classes)
+  else:   # vector conditions: each image's first training caption, and ∅
+    cond = spec.conditions.first(y)
+    null = np.broadcast_to(spec.conditions.null, cond.shape).copy()
+  out = {f"test_eps_mse_t{t:g}": mse(x, cond, t) for t in EVAL_TIMES}
+  out["test_eps_mse_null_t0.5"] = mse(x, null, 0.5)
   return out
 
 
@@ -277,15 +282,19 @@ def sweep_layout(labels: Sequence[int], num_per_class: int,
 
 
 def draw(run: pipeline.Run, key: jax.Array, scales_by_kind: Mapping[str, Sequence[float]],
-         labels: Sequence[int], num_per_class: int, **generate_kwargs) -> list[Samples]:
+         labels: Sequence[int], num_per_class: int, conditions: Optional[np.ndarray] = None,
+         **generate_kwargs) -> list[Samples]:
   """Samples every guidance kind × scale. Each kind is ONE pipeline.generate call with the scales as
   a per-sample array, so it compiles once per (kind, sampler) whatever the scales; every kind uses
-  the same key. generate_kwargs: sampler, steps, clf_scale, batch_size, return_trajectory, ..."""
+  the same key. With `conditions` (P, D) (a text run's prompt encodings), `labels` are indices
+  into it: the samples are conditioned on those rows, and Samples.labels holds the indices.
+  generate_kwargs: sampler, steps, clf_scale, batch_size, return_trajectory, ..."""
   out = []
   for kind, scale_list in scales_by_kind.items():
     y, s = sweep_layout(labels, num_per_class, scale_list)
+    cond = y if conditions is None else np.asarray(conditions)[y]
     timings: dict[str, float] = {}
-    result = pipeline.generate(run, key, y, s, kind=kind, timings=timings, **generate_kwargs)
+    result = pipeline.generate(run, key, cond, s, kind=kind, timings=timings, **generate_kwargs)
     x0, traj = result if generate_kwargs.get("return_trajectory") else (result, None)
     out.append(Samples(kind, tuple(float(v) for v in scale_list), x0, y, s, traj,
                        timings["compile_s"], timings["sample_s"]))

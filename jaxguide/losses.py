@@ -2,7 +2,8 @@
 
 - ε-matching (Ho et al. 2020, in continuous time) with label dropout for classifier-free guidance:
   a fraction `p_uncond` of the labels is replaced by the null label `num_classes`, so one network
-  learns both ε(x, t, y) and ε(x, t, ∅). Each sample's squared error is weighted by w(t) (`WEIGHTINGS`):
+  learns both ε(x, t, y) and ε(x, t, ∅); with vector conditions (`conditioning`), condition
+  dropout to the null vector. Each sample's squared error is weighted by w(t) (`WEIGHTINGS`):
   1 is plain ε-matching; 1/α² = 1 + 1/SNR is the v-prediction loss ‖v̂ − v‖² (EDM's weighting for
   σ_data = 1); min(SNR, γ)/SNR is min-SNR-γ (Hang et al. 2023) in ε-space, whatever the network
   predicts.
@@ -12,7 +13,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +47,12 @@ def sample_times_logsnr_normal(key: jax.Array, sde: VPSDE, n: int, t_eps: float,
 T_SAMPLINGS = ("uniform", "logsnr_normal")
 
 
-def drop_labels(key: jax.Array, y: jax.Array, p_uncond: float, null_label: int) -> jax.Array:
-  """Replaces each label by the null label with probability p_uncond."""
-  drop = jax.random.bernoulli(key, p_uncond, y.shape)
-  return jnp.where(drop, null_label, y)
+def drop_labels(key: jax.Array, y: jax.Array, p_uncond: float, null_label) -> jax.Array:
+  """Replaces each sample's condition by ∅ with probability p_uncond: labels (B,) by the null
+  label, condition vectors (B, D) by the null vector (D,) (condition dropout)."""
+  drop = jax.random.bernoulli(key, p_uncond, y.shape[:1])
+  drop = drop.reshape(drop.shape + (1,) * (y.ndim - 1))
+  return jnp.where(drop, jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape), y)
 
 
 def loss_weight(sde: VPSDE, t: jax.Array, weighting: str, gamma: float = 5.0) -> jax.Array:
@@ -70,10 +73,15 @@ WEIGHTINGS = ("eps", "v", "min_snr")
 def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes: int,
                   p_uncond: float = 0.1, t_eps: float = 1e-3, weighting: str = "eps",
                   min_snr_gamma: float = 5.0, t_sampling: str = "uniform",
-                  logsnr_mean: float = 0.0, logsnr_std: float = 3.0) -> LossFn:
+                  logsnr_mean: float = 0.0, logsnr_std: float = 3.0,
+                  conditions: Optional[Any] = None) -> LossFn:
   """Weighted mean squared error between the predicted and the true noise, labels dropped at
   p_uncond, at times t ~ U(t_eps, 1) or with a truncated-normal log-SNR (`t_sampling`). The
-  metric `eps_mse` is the unweighted error, comparable across weightings."""
+  metric `eps_mse` is the unweighted error, comparable across weightings.
+
+  `conditions` (a `conditioning.Conditions`): the network is conditioned on vectors instead of
+  labels; each sample's label picks one of its class's condition vectors at random (e.g. the
+  encodings of its class's training captions), and dropout replaces it by the null vector."""
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r}: use one of {WEIGHTINGS}")
   if t_sampling not in T_SAMPLINGS:
@@ -89,7 +97,11 @@ def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes
     k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 4)
     t = draw_times(k_t, x0.shape[0])
     x_t, eps = sde.perturb(k_noise, x0, t)
-    y_in = drop_labels(k_drop, y, p_uncond, num_classes)
+    if conditions is None:
+      y_in = drop_labels(k_drop, y, p_uncond, num_classes)
+    else:   # the label path's keys are left as they were: label runs are unchanged
+      c = conditions.draw(jax.random.fold_in(k_drop, 1), y)
+      y_in = drop_labels(k_drop, c, p_uncond, conditions.null)
     pred = apply_fn({"params": params}, x_t, t, y_in, train=True, rngs={"dropout": k_dropout})
     err = jnp.mean(((pred.astype(jnp.float32) - eps) ** 2).reshape(x0.shape[0], -1), axis=-1)
     loss = jnp.mean(loss_weight(sde, t, weighting, min_snr_gamma) * err)

@@ -192,6 +192,12 @@ def _check_common(num_classes: int, dropout: float) -> None:
     raise ConfigError(f"model.dropout={dropout} is outside [0, 1): use e.g. 0.1 or 0.0")
 
 
+def _check_cond_dim(cond_dim: int) -> None:
+  if not isinstance(cond_dim, int) or cond_dim < 0:
+    raise ConfigError(f"model.cond_dim={cond_dim!r}: must be 0 (integer labels) or the size D of "
+                      "the condition vectors (B, D), e.g. 384 for all-MiniLM-L6-v2 prompts")
+
+
 def _check_conv_config(ch: int, ch_mult: Sequence[int], num_res_blocks: int, groups: int) -> None:
   """Raises ConfigError for hyper-parameters no image could satisfy."""
   if groups < 1 or ch < 1 or ch % groups:
@@ -273,10 +279,31 @@ class Decoder(nn.Module):
     return h
 
 
+def condition_embedding(y: jax.Array, num_classes: int, cond_dim: int, features: int,
+                        dtype: Dtype) -> jax.Array:
+  """The condition's part of the FiLM embedding (B, features), added to the time embedding.
+
+  cond_dim = 0: y holds labels (B,) int, embedded by a learned table whose row `num_classes` is
+  the null label ∅. cond_dim = D > 0: y holds condition vectors (B, D) (e.g. prompt embeddings;
+  ∅ is then a fixed vector such as the empty prompt's encoding), mapped linearly, so that
+  one-hot vectors of the labels give exactly the label table's rows.
+  """
+  if not cond_dim:
+    if y.ndim != 1 or not jnp.issubdtype(y.dtype, jnp.integer):
+      raise ConfigError(f"y has shape {y.shape} and dtype {y.dtype}: this network takes integer "
+                        "labels (B,); for condition vectors (B, D) build it with model.cond_dim=D")
+    return nn.Embed(num_classes + 1, features, dtype=dtype, name="label_emb")(y)
+  if y.ndim != 2 or y.shape[-1] != cond_dim:
+    raise ConfigError(f"y has shape {y.shape}: this network takes condition vectors (B, {cond_dim}) "
+                      f"(model.cond_dim={cond_dim}); pass embeddings of that size")
+  return nn.Dense(features, dtype=dtype, name="cond_emb")(y.astype(jnp.float32))
+
+
 class UNet(nn.Module):
   """ε-prediction UNet (DDPM layout) conditioned on time and class; `y == num_classes` is ∅.
 
   __call__(x (B,H,W,C), t (B,), y (B,) int, train=False) -> ε with the shape of x, float32.
+  With `cond_dim` = D > 0, y is a condition vector per sample (B, D) instead (`condition_embedding`).
   H and W must be divisible by 2**(len(ch_mult) - 1): 28 → 14 → 7 with the default (1, 2, 2).
   `attn_resolutions` lists spatial sizes (e.g. (7,) or (16,)) that get self-attention.
   """
@@ -288,10 +315,12 @@ class UNet(nn.Module):
   attn_resolutions: Sequence[int] = ()
   dropout: float = 0.0
   groups: int = 8
+  cond_dim: int = 0
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_common(self.num_classes, self.dropout)
+    _check_cond_dim(self.cond_dim)
     _check_conv_config(self.ch, self.ch_mult, self.num_res_blocks, self.groups)
     super().__post_init__()
 
@@ -308,8 +337,8 @@ class UNet(nn.Module):
     self._check_attn(x.shape[1])
     emb_dim = 4 * self.ch
     emb = TimeEmbedding(self.ch, emb_dim, self.dtype)(t)
-    # Row `num_classes` is the learned null label ∅ that CFG's unconditional pass uses.
-    emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype, name="label_emb")(y)
+    # Labels: row `num_classes` is the learned null label ∅ that CFG's unconditional pass uses.
+    emb = emb + condition_embedding(y, self.num_classes, self.cond_dim, emb_dim, self.dtype)
     h, skips = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
                        self.dropout, self.groups, self.dtype)(x, emb, train)
     h = ResBlock(h.shape[-1], self.groups, self.dropout, self.dtype)(h, emb, train)
@@ -339,10 +368,12 @@ class NoisyClassifier(nn.Module):
   num_res_blocks: int = 1
   dropout: float = 0.0
   groups: int = 8
+  cond_dim: int = 0
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_common(self.num_classes, self.dropout)
+    _check_cond_dim(self.cond_dim)
     _check_conv_config(self.ch, self.ch_mult, self.num_res_blocks, self.groups)
     super().__post_init__()
 
@@ -388,23 +419,26 @@ class MLP(nn.Module):
   """ε-prediction MLP for 2-D toy data, conditioned on time and class; `y == num_classes` is ∅.
 
   __call__(x (B, D), t (B,), y (B,) int, train=False) -> ε (B, D), float32.
-  `train` is accepted for a uniform interface; there is no dropout.
+  `train` is accepted for a uniform interface; there is no dropout. With `cond_dim` > 0, y is a
+  condition vector per sample (B, cond_dim) (`condition_embedding`).
   """
 
   num_classes: int
   hidden: int = 128
   depth: int = 3
+  cond_dim: int = 0
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_mlp(self.num_classes, self.hidden, self.depth)
+    _check_cond_dim(self.cond_dim)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
     del train
     emb = TimeEmbedding(self.hidden, self.hidden, self.dtype)(t)
-    emb = emb + nn.Embed(self.num_classes + 1, self.hidden, dtype=self.dtype, name="label_emb")(y)
+    emb = emb + condition_embedding(y, self.num_classes, self.cond_dim, self.hidden, self.dtype)
     h = MLPTrunk(self.hidden, self.depth, self.dtype)(x, emb)
     return nn.Dense(x.shape[-1], dtype=jnp.float32, name="dense_out")(h)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxguide import checkpoint, config_lib, guidance, parallel, samplers
+from jaxguide import checkpoint, conditioning, config_lib, guidance, parallel, samplers
 from jaxguide.errors import ConfigError
 from jaxguide.score import eps_fn as bind_eps, log_prob_fn as bind_log_prob
 from jaxguide.sde import VPSDE
@@ -45,6 +45,17 @@ class Run:
   num_classes: int
   apply_fns: dict[str, Callable[..., jax.Array]]
   params: dict[str, Any]
+  captions: Any = None   # conditioning.Captions of a text-conditioned run, else None
+
+  @property
+  def null(self) -> Any:
+    """∅: the null label num_classes, or a text run's null vector (the encoding of "")."""
+    return self.num_classes if self.captions is None else self.captions.null
+
+  @property
+  def cond_dim(self) -> int:
+    """The size of the score network's condition vectors; 0 when it takes labels."""
+    return 0 if self.captions is None else self.captions.dim
 
   @property
   def t_eps(self) -> float:
@@ -101,12 +112,15 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   if dtype not in config_lib.DTYPES:
     raise ConfigError(f"--dtype (sample.dtype)={dtype!r} is not known: use one of "
                       f"{', '.join(config_lib.DTYPES)}")
+  captions = (conditioning.load_captions(workdir) if conditioning.kind_of(config) == "text"
+              else None)
   apply_fns, params = {}, {}
   for name in config_lib.MODEL_INDEX:
     if name not in config or "model" not in config[name]:
       continue
     model = config_lib.build_model(config[name].model, k, config_lib.DTYPES[dtype], sde, role=name)
-    restored = _restore_ema(workdir, name, model, config_lib.example_inputs(name, shape))
+    restored = _restore_ema(workdir, name, model, config_lib.example_inputs(
+        name, shape, config_lib.cond_dim(config, name)))
     if restored is not None:
       apply_fns[name], params[name] = model.apply, restored
   if "score" not in params:
@@ -115,7 +129,7 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   # Replicated over this process's devices: the samplers split batches over the same mesh, and a
   # checkpoint saved on another device count must not pin the parameters to its devices.
   params = parallel.replicate(params, parallel.data_mesh(jax.local_devices()))
-  return Run(workdir, config, sde, shape, k, apply_fns, params)
+  return Run(workdir, config, sde, shape, k, apply_fns, params, captions)
 
 
 def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
@@ -141,8 +155,10 @@ def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
                  solvers euler_maruyama, pc and ode_heun walk CFG at λ)
 
   schedule = constant | linear | cosine makes every scale a function of t (guidance.schedule).
+  A text run's y are prompt encodings (B, D) and ∅ the encoding of "" (`Run.null`); its
+  negative_label is then a negative prompt's encoding (a tuple of D floats).
   """
-  k = run.num_classes
+  k = run.null
   eps = bind_eps(run.apply_fns["score"], params["score"])
   if schedule != "constant":
     neutral = 0.0 if kind in ZERO_NEUTRAL else 1.0
@@ -156,6 +172,9 @@ def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
     return guidance.negative(eps, scale, k if negative_label is None else negative_label,
                              interval=interval)
   if kind == "compose":
+    if run.captions is not None:
+      raise ConfigError("--guidance compose takes class labels; a text run composes prompts as "
+                        "negative prompts: use --negative_prompt")
     labels = jnp.asarray([int(c[0]) for c in compose], jnp.int32)
     weights = jnp.asarray([float(c[1]) for c in compose], jnp.float32)
 
@@ -188,8 +207,13 @@ def check_request(run: Run, kind: str, labels: np.ndarray) -> None:
     raise ConfigError(f"--guidance={kind!r} is not known: use one of {', '.join(GUIDANCES)}")
   needs = {"classifier": "classifier", "both": "classifier", "autoguidance": "guide",
            "x0_classifier": "evaluator"}
+  if run.captions is not None and kind in ("classifier", "both", "x0_classifier", "compose"):
+    raise ConfigError(f"--guidance={kind} needs class labels, and this workdir was trained on "
+                      "text prompts: use cfg, negative, autoguidance, apg, cfgpp or none")
   if kind in needs:
     run.require(needs[kind], f"--guidance={kind}")
+  if run.captions is not None:
+    return
   bad = labels[(labels < 0) | (labels >= run.num_classes)]
   if bad.size:
     raise ConfigError(f"--labels: {int(bad[0])} is outside [0, {run.num_classes}): "
@@ -209,8 +233,10 @@ def _compiled(run: Run, kind: str, sampler: str, steps: int, batch: int,
     g = guided_eps_fn(run, params, kind, scale, clf_scale, **guide_opts)
     return samplers.sample(key, g, run.sde, (batch,) + run.shape, y, sampler=sampler, steps=steps,
                            return_trajectory=return_trajectory, save_every=save_every, **opts)
-  example = (run.params, jax.random.PRNGKey(0), np.zeros(batch, np.int32),
-             np.zeros(batch, np.float32), np.float32(0))
+  y_example = (np.zeros((batch, run.cond_dim), np.float32) if run.cond_dim
+               else np.zeros(batch, np.int32))
+  example = (run.params, jax.random.PRNGKey(0), y_example, np.zeros(batch, np.float32),
+             np.float32(0))
   start = time.perf_counter()
   executable = jax.jit(fn).lower(*example).compile()
   return executable, time.perf_counter() - start
@@ -222,10 +248,18 @@ def generate(run: Run, key: jax.Array, labels: np.ndarray, scales: np.ndarray, *
              timings: Optional[dict[str, float]] = None, **options):
   """Guided samples for per-sample labels and scales, in chunks of at most `batch_size` that all
   share one compilation. Returns x0 (N, ...) and, with return_trajectory, the stacked states.
+  A text run's `labels` are the prompts' encodings (N, D) (conditioning.embed_prompts).
   `options` go to `samplers.sample` (spacing, clip_x0, eta, snr, ...; t_eps defaults to
   `run.t_eps`) or to the guidance (guide_conditional, interval, rescale).
   `timings`, if given, receives compile_s (0 when cached) and sample_s (wall time after it)."""
-  labels, scales = np.asarray(labels, np.int32), np.asarray(scales, np.float32)
+  scales = np.asarray(scales, np.float32)
+  if run.cond_dim:
+    labels = np.asarray(labels, np.float32)
+    if labels.shape[1:] != (run.cond_dim,):
+      raise ConfigError(f"this workdir's score network takes prompt encodings (N, {run.cond_dim}); "
+                        f"got conditions of shape {labels.shape}: pass prompts, not labels")
+  else:
+    labels = np.asarray(labels, np.int32)
   check_request(run, kind, labels)
   n = len(labels)
   batch = min(batch_size, n)
@@ -238,7 +272,8 @@ def generate(run: Run, key: jax.Array, labels: np.ndarray, scales: np.ndarray, *
     y, s = labels[begin:begin + batch], scales[begin:begin + batch]
     m = len(y)
     if m < batch:   # pad the last chunk to the compiled size
-      y, s = np.pad(y, (0, batch - m), mode="edge"), np.pad(s, (0, batch - m), mode="edge")
+      pad = lambda a: np.pad(a, [(0, batch - m)] + [(0, 0)] * (a.ndim - 1), mode="edge")
+      y, s = pad(y), pad(s)
     out = executable(run.params, jax.random.fold_in(key, i), y, s, np.float32(clf_scale))
     x0, traj = out if return_trajectory else (out, None)
     outs.append(np.asarray(x0)[:m])

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxguide import checkpoint, evaluate, guidance, pipeline, plotting, samplers
+from jaxguide import checkpoint, conditioning, evaluate, guidance, pipeline, plotting, samplers
 from jaxguide.errors import ConfigError
 from jaxguide.sde import SPACINGS
 
@@ -39,8 +39,14 @@ class Request:
   sampler: Optional[str] = None
   steps: Optional[int] = None
   spacing: Optional[str] = None      # the time grid: linear | logsnr (VPSDE.time_grid)
-  num_per_class: Optional[int] = None
+  num_per_class: Optional[int] = None   # samples per label (per prompt) and scale
   labels: Optional[list[int]] = None
+  prompts: Optional[list[str]] = None   # a text run's prompts (default: one held-out caption per class)
+  negative_prompt: Optional[str] = None # --guidance negative on a text run: the prompt to guide away from
+  # Filled by complete_request on a text run (before anything is written): the prompts' and the
+  # negative prompt's encodings. Not part of the report.
+  encodings: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
+  negative_encoding: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
   seed: int = 0
   batch_size: int = 1000
   gif: bool = False
@@ -163,10 +169,31 @@ def request_from_flags(flags_: Any) -> Request:
     value = getattr(flags_, name)
     if value is not None and value < 1:
       raise ConfigError(f"--{name}={value}: must be a positive integer")
-  kinds, scales = parse_sweep(flags_.guidance, flags_.scale)
+  prompts = list(getattr(flags_, "prompt", None) or []) or None
+  negative_prompt = getattr(flags_, "negative_prompt", None)
+  prompt_set = getattr(flags_, "prompt_set", None)
+  if prompt_set is not None:
+    if prompt_set not in conditioning.SPLITS:
+      raise ConfigError(f"--prompt_set={prompt_set!r} is not known: use one of "
+                        f"{', '.join(conditioning.SPLITS)} (every caption of that split)")
+    if prompts:
+      raise ConfigError("--prompt_set and --prompt both choose the prompts: give one of them")
+    prompts = [f"<{prompt_set}>"]   # a placeholder that complete_request expands from the workdir
+  if prompts and flags_.labels is not None:
+    raise ConfigError("--prompt and --labels both choose what to sample: give prompts to a text "
+                      "run, labels to a label run")
+  guidance_flag = flags_.guidance
+  if negative_prompt is not None and guidance_flag is None and not any(
+      "=" in e for e in flags_.scale or []):
+    guidance_flag = "negative"   # the negative prompt takes the empty prompt's place in CFG
+  kinds, scales = parse_sweep(guidance_flag, flags_.scale)
+  if negative_prompt is not None and "negative" not in kinds:
+    raise ConfigError(f"--negative_prompt is an option of --guidance negative, not "
+                      f"{','.join(kinds)}: add negative, or drop --negative_prompt")
   return Request(guidance=kinds, scales=scales, clf_scale=flags_.clf_scale, sampler=flags_.sampler,
                  steps=flags_.steps, spacing=flags_.spacing, num_per_class=flags_.num_per_class,
-                 labels=_numbers(flags_.labels, "labels", int, "0,3,7"), seed=flags_.seed,
+                 labels=_numbers(flags_.labels, "labels", int, "0,3,7"), prompts=prompts,
+                 negative_prompt=negative_prompt, seed=flags_.seed,
                  batch_size=flags_.batch_size, gif=flags_.gif, evaluate=flags_.evaluate,
                  raw=flags_.raw, options=options)
 
@@ -226,6 +253,9 @@ def _check_family(req: "Request", run: pipeline.Run) -> None:
       raise ConfigError(f"{FLAG_OF[option]} is an option of --guidance {' or '.join(kinds)}: add "
                         f"that kind or drop {FLAG_OF[option]}")
   k = run.num_classes
+  if run.captions is not None and "negative_label" in req.options:
+    raise ConfigError("--negative takes a class label, and this workdir was trained on text "
+                      "prompts: use --negative_prompt 'a handwritten three'")
   label = req.options.get("negative_label")
   if label is not None and not 0 <= label <= k:
     raise ConfigError(f"--negative={label}: must be a class in [0, {k - 1}] or {k} (∅)")
@@ -285,10 +315,13 @@ def complete_request(req: Request, run: pipeline.Run) -> Request:
       clf_scale=float(cfg.clf_scale) if req.clf_scale is None else req.clf_scale,
       sampler=req.sampler or cfg.sampler, steps=req.steps or int(cfg.steps),
       spacing=options.pop("spacing"), num_per_class=req.num_per_class or int(cfg.num_per_class),
-      labels=req.labels if req.labels is not None else list(range(run.num_classes)),
+      labels=req.labels if req.labels is not None or req.prompts is not None or run.captions is not None
+      else list(range(run.num_classes)),
       options=options)
+  if run.captions is not None or req.prompts is not None or req.negative_prompt is not None:
+    req = _complete_prompts(req, run)
   for kind in req.guidance:
-    pipeline.check_request(run, kind, np.asarray(req.labels))
+    pipeline.check_request(run, kind, np.asarray(req.labels if req.labels is not None else []))
   _check_family(req, run)
   if req.evaluate and "evaluator" not in run.params and run.config.data.source != "toy:gmm":
     raise ConfigError(f"--evaluate needs a trained evaluator in --workdir={run.workdir}: train it with "
@@ -298,6 +331,64 @@ def complete_request(req: Request, run: pipeline.Run) -> Request:
   if req.options.get("snr") is not None and req.sampler != "pc":
     raise ConfigError(f"--snr is an option of --sampler pc, not {req.sampler}: drop it or use pc")
   return req
+
+
+def _complete_prompts(req: Request, run: pipeline.Run) -> Request:
+  """A text run's prompts: checked against the workdir, defaulted to the first held-out template
+  of every class (else the first training template), --prompt_set expanded."""
+  where = f"--workdir={run.workdir}"
+  if run.captions is None:
+    flag = "--prompt" if req.prompts is not None else "--negative_prompt"
+    raise ConfigError(f"{flag}: {where} was trained on class labels (condition.kind=label): use "
+                      "--labels (--negative LABEL), or a workdir trained with configs/mnist_text.py")
+  if req.labels is not None:
+    raise ConfigError(f"--labels: {where} was trained on text prompts: use --prompt "
+                      "'a handwritten seven' (repeatable) or --prompt_set held_out")
+  cap = run.captions
+  prompts = req.prompts
+  if prompts is None:
+    split = "held_out" if np.any(cap.split == "held_out") else "train"
+    first = np.flatnonzero(cap.split == split)[:int(cap.labels.max()) + 1]
+    prompts = [str(c) for c in cap.captions[first]]
+  elif len(prompts) == 1 and prompts[0] in (f"<{s}>" for s in conditioning.SPLITS):
+    split = prompts[0][1:-1]
+    prompts = [str(c) for c in cap.captions[cap.split == split]]
+    if not prompts:
+      raise ConfigError(f"--prompt_set={split}: {where} has no {split} captions "
+                        "(condition.held_out is empty): use --prompt")
+  if not prompts:
+    raise ConfigError("--prompt: no prompts given: pass --prompt 'a handwritten seven' (repeatable)")
+  if len(set(prompts)) < len(prompts):
+    raise ConfigError("--prompt names a prompt twice: give each prompt once")
+  if req.negative_prompt is None and "negative" in req.guidance:
+    raise ConfigError("--guidance negative on a text run needs --negative_prompt 'a handwritten "
+                      "three' (the prompt to guide away from)")
+  if req.evaluate:
+    for p in prompts:
+      if prompt_class(run, p) is None:
+        raise ConfigError(f"--evaluate: the prompt {p!r} names no class (or several) of "
+                          f"condition.names / condition.numerals, so it cannot be judged: drop it "
+                          "or --evaluate")
+  encode = lambda ps: conditioning.embed_prompts(run.config, cap, ps)
+  negative = None if req.negative_prompt is None else encode([req.negative_prompt])[0]
+  return dataclasses.replace(req, prompts=prompts, encodings=encode(prompts),
+                             negative_encoding=negative)
+
+
+def report_request(req: Request) -> dict[str, Any]:
+  """The request as report.json records it (without the prompts' encodings)."""
+  out = dataclasses.asdict(req)
+  for name in ("encodings", "negative_encoding"):
+    out.pop(name)
+  return out
+
+
+def prompt_class(run: pipeline.Run, prompt: str) -> Optional[int]:
+  """The class a prompt asks for: a cached caption's own class, else the one class it names."""
+  j = run.captions.lookup(prompt)
+  if j is not None:
+    return int(run.captions.labels[j])
+  return conditioning.digit_of(prompt, run.config.condition)
 
 
 def prepare_out(out: str) -> str:
@@ -320,16 +411,24 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
       f.write(buffer.getvalue())
 
 
+def _row_labels(req: Request) -> list[str]:
+  """What each grid row (and report) shows: the prompts of a text run, else the labels."""
+  return list(req.prompts) if req.prompts is not None else [str(l) for l in req.labels]
+
+
 def _write_figures(run, req: Request, group: evaluate.Samples, out: str) -> list[str]:
   """One grid (or 2-D scatter) per scale of one guidance kind, and the GIF of its first scale."""
-  n_lab, n_per, kind = len(req.labels), req.num_per_class, group.kind
+  rows = _row_labels(req)
+  n_lab, n_per, kind = len(rows), req.num_per_class, group.kind
   files = []
   for scale, block in group.blocks():
     title = f"{kind} scale {scale:g}, {req.sampler} {req.steps} steps"
+    if req.negative_prompt is not None and kind == "negative":
+      title += f", away from {req.negative_prompt!r}"
     if len(run.shape) == 3:
       path = os.path.join(out, f"grid_{kind}_s{scale:g}.png")
       plotting.save_grid(group.images[block].reshape((n_lab, n_per) + run.shape), path,
-                         row_labels=[str(l) for l in req.labels], title=title)
+                         row_labels=rows, title=title)
     else:
       path = os.path.join(out, f"points_{kind}_s{scale:g}.png")
       plotting.save_points(group.images[block], group.labels[block], path, title=title)
@@ -346,12 +445,29 @@ def _write_figures(run, req: Request, group: evaluate.Samples, out: str) -> list
 def sample_and_write(run: pipeline.Run, req: Request, out: str,
                      judge: Optional[evaluate.Judge] = None) -> dict[str, Any]:
   """Samples the request, writes samples.npz and the figures, and with req.evaluate the report
-  (judged by `judge`, default the workdir's). Returns the summary that report.json holds."""
-  groups = evaluate.draw(run, jax.random.PRNGKey(req.seed), req.scales, req.labels, req.num_per_class,
-                         sampler=req.sampler, steps=req.steps, spacing=req.spacing or "linear",
-                         clf_scale=req.clf_scale, batch_size=req.batch_size,
-                         return_trajectory=req.gif, save_every=max(req.steps // 20, 1),
-                         **req.options)
+  (judged by `judge`, default the workdir's). Returns the summary that report.json holds.
+  A text run's samples are conditioned on the prompts' encodings; samples.npz then also holds
+  each sample's `prompt`, and `label` is the class the prompt names (-1 if none)."""
+  options, conditions, classes = dict(req.options), None, None
+  slots = req.labels
+  if req.prompts is not None:
+    if req.encodings is None:
+      req = _complete_prompts(req, run)
+    conditions = req.encodings
+    classes = np.asarray([-1 if c is None else c for c in map(lambda p: prompt_class(run, p),
+                                                              req.prompts)], np.int32)
+    slots = list(range(len(req.prompts)))
+    if req.negative_encoding is not None:   # a tuple: hashable, part of the compile cache's key
+      options["negative_label"] = tuple(float(v) for v in req.negative_encoding)
+  groups = evaluate.draw(run, jax.random.PRNGKey(req.seed), req.scales, slots, req.num_per_class,
+                         conditions=conditions, sampler=req.sampler, steps=req.steps,
+                         spacing=req.spacing or "linear", clf_scale=req.clf_scale,
+                         batch_size=req.batch_size, return_trajectory=req.gif,
+                         save_every=max(req.steps // 20, 1), **options)
+  extra = {}
+  if classes is not None:   # Samples.labels held prompt indices: judge against their classes
+    extra["prompt"] = np.concatenate([np.asarray(req.prompts)[g.labels] for g in groups])
+    groups = [dataclasses.replace(g, labels=classes[g.labels]) for g in groups]
   if len(run.shape) == 3 and not req.raw:
     # Images are [−1, 1] data: what is written (and judged) stays there. The trajectory is not
     # clipped: its noisy states leave [−1, 1] by design (the GIF clips them for display).
@@ -360,13 +476,13 @@ def sample_and_write(run: pipeline.Run, req: Request, out: str,
   save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
            label=np.concatenate([g.labels for g in groups]),
            scale=np.concatenate([g.scales for g in groups]),
-           guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]))
+           guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]), **extra)
   files = [npz] + [f for g in groups for f in _write_figures(run, req, g, out)]
   summary: dict[str, Any] = {
       "samples": int(sum(len(g.labels) for g in groups)),
       "compile_s": sum(g.compile_s for g in groups), "sample_s": sum(g.sample_s for g in groups),
       "timings": {g.kind: {"compile_s": g.compile_s, "sample_s": g.sample_s} for g in groups},
-      "files": files, "request": dataclasses.asdict(req)}
+      "files": files, "request": report_request(req)}
   if req.evaluate:
     rows, reference = evaluate.measure(judge or evaluate.run_judge(run), groups, seed=req.seed)
     summary.update(report=rows, reference=reference)
@@ -382,12 +498,15 @@ def report_markdown(summary: dict[str, Any], run: pipeline.Run) -> str:
   """report.md: what was sampled, the Fréchet distance's floor and ceiling, then one row per
   guidance × scale."""
   req, ref = summary["request"], summary["reference"]
+  asked = (f"{req['num_per_class']} per prompt, prompts {', '.join(map(repr, req['prompts']))}"
+           if req.get("prompts") is not None else
+           f"{req['num_per_class']} per class, classes {', '.join(map(str, req['labels']))}")
   judge = ("the workdir's evaluator (LeNet penultimate features)" if "evaluator" in run.params
            else "the exact mixture posterior, the 2-D points as features")
   lines = [
       f"# Guided samples from {run.workdir}", "",
       f"{req['sampler']}, {req['steps']} steps, seed {req['seed']}; each row: {ref['n_samples']} samples "
-      f"({req['num_per_class']} per class, classes {', '.join(map(str, req['labels']))}), judged by {judge}.", "",
+      f"({asked}), judged by {judge}.", "",
       f"Fréchet distance to {ref['n_test']} held-out examples of those classes, read against sets of "
       f"the same size: floor {_fmt(ref['floor'], '.4g')} (real train examples), ceiling "
       f"{_fmt(ref['ceiling'], '.4g')} "

@@ -4,7 +4,8 @@ Every sampler has the signature
 
     sampler(key, eps_fn, sde, x, y, times, *, save_every=0, **options) -> (x0, traj)
 
-where x is the prior draw x_T (B, ...) of any rank, y the labels (B,) passed on to eps_fn, and
+where x is the prior draw x_T (B, ...) of any rank, y the labels (B,) (or condition vectors
+(B, D)) passed on to eps_fn, and
 `times` the decreasing grid `sde.time_grid(steps, t_eps, spacing)` from T to t_eps. Guidance, x̂₀
 clipping and dynamic thresholding are ε-transforms (`jaxguide.guidance`), so every sampler gets
 them all.
@@ -338,9 +339,9 @@ def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: 
     raise ConfigError(f"spacing={spacing!r} is not known: use one of {', '.join(SPACINGS)}")
   if return_trajectory and (not isinstance(save_every, numbers.Integral) or save_every < 1):
     raise ConfigError(f"save_every={save_every!r} must be an int >= 1 (e.g. save_every=50)")
-  if jnp.shape(y) != tuple(shape[:1]):
-    raise ConfigError(f"y has shape {jnp.shape(y)} but shape={tuple(shape)}: "
-                      f"pass one label per sample, shape ({shape[0]},)")
+  if jnp.ndim(y) < 1 or jnp.shape(y)[:1] != tuple(shape[:1]):
+    raise ConfigError(f"y has shape {jnp.shape(y)} but shape={tuple(shape)}: pass one condition "
+                      f"per sample: labels ({shape[0]},) or condition vectors ({shape[0]}, D)")
   fn = SAMPLERS[sampler]
   known = [p.name for p in inspect.signature(fn).parameters.values()
            if p.kind == p.KEYWORD_ONLY and p.name != "save_every"]

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxguide import checkpoint, config_lib, data, evaluate, parallel, pipeline
+from jaxguide import checkpoint, conditioning, config_lib, data, evaluate, parallel, pipeline
 from jaxguide.errors import ConfigError
 from jaxguide.losses import LossFn
 
@@ -298,12 +298,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for name in config_lib.model_names(config):
     parallel.check_divisible(config_lib.model_train_config(config, name).batch_size, mesh,
                              field=f"{name}.train.batch_size")
-  specs = {name: config_lib.model_spec(name, config, train_ds) for name in config_lib.model_names(config)}
+  # Text runs: every caption encoded (or read from the workdir's cache) before anything is written.
+  conditions, captions, write_captions = conditioning.for_training(config, workdir,
+                                                                   train_ds.num_classes)
+  specs = {name: config_lib.model_spec(name, config, train_ds, conditions)
+           for name in config_lib.model_names(config)}
   resume_from = {name: read_resumable(spec, config, workdir) for name, spec in specs.items()}
   config_lib.make_workdir(workdir)   # every process (on a shared filesystem: the same folder)
   if is_primary():
     checkpoint.save_config(workdir, config)
     pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
+    if write_captions:
+      conditioning.save(workdir, captions)
   writer = MetricsWriter(workdir)
   # Models trained here replace their entries; those trained by an earlier command stay (e.g. a
   # guide added with --config.models=guide keeps the score network's figures).

@@ -183,6 +183,8 @@ BAD_SAMPLE = [
     ("no workdir", lambda w, t: str(t / "nothing"), [], "no trained run"),
     ("no classifier", lambda w, t: copy_without(w, t, "classifier"), ["--guidance=classifier"], "classifier"),
     ("label out of range", None, ["--labels=0,7"], "--labels"),
+    ("prompt on a label run", None, ["--prompt=a handwritten seven"], "trained on class labels"),
+    ("negative prompt on a label run", None, ["--negative_prompt=a one"], "trained on class labels"),
     ("unknown sampler", None, ["--sampler=heun3"], "sampler"),
     ("unknown guidance", None, ["--guidance=magic"], "guidance"),
     ("zero steps", None, ["--steps=0"], "steps"),

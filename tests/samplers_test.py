@@ -213,7 +213,7 @@ class SamplerTest(chex.TestCase, parameterized.TestCase):
     for kwargs, message in bad:
       with self.assertRaisesRegex(ConfigError, message):
         sample(KEY, exact_eps, SDE, (8, 2), y, **kwargs)
-    with self.assertRaisesRegex(ConfigError, "one label per sample"):
+    with self.assertRaisesRegex(ConfigError, "one condition per sample"):
       sample(KEY, exact_eps, SDE, (8, 2), labels(4))
 
 

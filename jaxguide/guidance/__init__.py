@@ -14,6 +14,12 @@ Scales are traced: a Python number, a 0-d array, one value per sample (B,), or a
 (`schedule`: constant, linear, cosine), broadcast over the data axes, so changing a scale never
 recompiles. The null label ∅ is the integer `num_classes`.
 
+Conditions need not be labels: y may be condition vectors (B, D) (a text encoder's prompt
+embeddings, `jaxguide.conditioning`), and ∅ then the null vector (D,) (the empty prompt's
+encoding) wherever a transform takes `null_label` (`null_like`). classifier_free, negative,
+compose, apg, cfgpp, autoguidance, interval and rescale take them as they take labels; the
+classifier-gradient kinds need labels (the classifier's classes).
+
 Options shared by the guided transforms:
   interval=(t_lo, t_hi)  guide only for t_lo <= t <= t_hi (Kynkäänniemi et al. 2024). Outside it the
       result is the plain conditional ε(x, t, y) and the extra work (the null pass, the classifier
@@ -30,12 +36,12 @@ Options shared by the guided transforms:
 """
 from jaxguide.guidance.core import (SCHEDULES, Interval, Paired, Scale, classifier, classifier_free,
                                     classifier_grad, clip_x0, combine, decided_intervals,
-                                    dynamic_threshold, intervals_of, passes, scale_at, schedule,
+                                    dynamic_threshold, intervals_of, null_like, passes, scale_at, schedule,
                                     unconditional)
 from jaxguide.guidance.family import (CFGPlusPlus, apg, autoguidance, cfgpp, compose, negative,
                                       renoising_pair, x0_classifier)
 
 __all__ = ["SCHEDULES", "CFGPlusPlus", "Interval", "Paired", "Scale", "apg", "autoguidance", "cfgpp",
            "classifier", "classifier_free", "classifier_grad", "clip_x0", "combine", "compose",
-           "decided_intervals", "dynamic_threshold", "intervals_of", "negative", "passes", "renoising_pair", "scale_at", "schedule",
+           "decided_intervals", "dynamic_threshold", "intervals_of", "negative", "null_like", "passes", "renoising_pair", "scale_at", "schedule",
            "unconditional", "x0_classifier"]

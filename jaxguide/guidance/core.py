@@ -54,14 +54,21 @@ def schedule(kind: str, scale: ArrayLike, *, neutral: float = 1.0) -> Callable[[
   return fn
 
 
-def unconditional(eps_fn: EpsFn, null_label: int) -> EpsFn:
-  """(x, t, y) -> eps_fn(x, t, ∅), ignoring y.
+def null_like(y: jax.Array, null: ArrayLike) -> jax.Array:
+  """The null condition ∅ for every sample of y: the null label (an int) for labels y (B,), the
+  null vector (D,) (e.g. the encoding of the empty prompt) for vector conditions y (B, D), or any
+  per-sample condition shape y.shape[1:]."""
+  return jnp.broadcast_to(jnp.asarray(null, y.dtype), y.shape)
+
+
+def unconditional(eps_fn: EpsFn, null_label: ArrayLike) -> EpsFn:
+  """(x, t, y) -> eps_fn(x, t, ∅), ignoring y; ∅ a label or a null vector (`null_like`).
 
   Guiding this with a classifier is Song et al.'s conditional sampling from an unconditional
   model; guiding the plain (conditional) eps_fn is Dhariwal & Nichol's best setting.
   """
   def fn(x, t, y):
-    return eps_fn(x, t, jnp.full_like(y, null_label))
+    return eps_fn(x, t, null_like(y, null_label))
   return tag_intervals(fn, None, eps_fn)
 
 
@@ -84,9 +91,10 @@ def selected_log_prob(log_probs: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def cond_and_null(eps_fn: EpsFn, x: jax.Array, t: jax.Array, y: jax.Array,
-                  null_label: int) -> tuple[jax.Array, jax.Array]:
-  """(ε(x, t, y), ε(x, t, ∅)) from one vmapped call (`passes`)."""
-  cond, uncond = passes(eps_fn, x, t, jnp.stack([y, jnp.full_like(y, null_label)]))
+                  null_label: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  """(ε(x, t, y), ε(x, t, ∅)) from one vmapped call (`passes`); y labels (B,) with ∅ the null
+  label, or condition vectors (B, D) with ∅ the null vector (D,)."""
+  cond, uncond = passes(eps_fn, x, t, jnp.stack([y, null_like(y, null_label)]))
   return cond, uncond
 
 
@@ -107,11 +115,14 @@ def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, 
   return tag_intervals(fn, interval, eps_fn)
 
 
-def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: int, *,
+def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: ArrayLike, *,
                     interval: Interval = None, rescale: ArrayLike = 0.0) -> EpsFn:
   """Classifier-free guidance: ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅)), s = `scale`.
 
-  The conditional and null passes are ONE `jax.vmap`ped call over a stacked label axis [y, ∅].
+  The conditional and null passes are ONE `jax.vmap`ped call over a stacked condition axis
+  [y, ∅]. y may be labels (B,) with `null_label` the null class, or condition vectors (B, D)
+  (a text encoder's prompt embeddings) with `null_label` the null vector (D,), e.g. the
+  encoding of the empty prompt "".
   """
   _check_interval(interval)
 
@@ -122,7 +133,7 @@ def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: int, *,
 
 
 def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
-            clf_scale: Scale, null_label: int, *, interval: Interval = None,
+            clf_scale: Scale, null_label: ArrayLike, *, interval: Interval = None,
             rescale: ArrayLike = 0.0) -> EpsFn:
   """CFG, then the classifier term: ε̃ = ε(∅) + s (ε(y) − ε(∅)) − w σ(t) ∇ₓ log p_t(y | x).
 
@@ -189,7 +200,7 @@ def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> Eps
   return _map_x0(eps_fn, sde, threshold)
 
 
-def _cfg(eps_fn: EpsFn, scale, null_label: int, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
+def _cfg(eps_fn: EpsFn, scale, null_label: ArrayLike, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
   """(guided ε, conditional ε) from one vmapped network call over the labels [y, ∅]."""
   cond, uncond = cond_and_null(eps_fn, x, t, y, null_label)
   s = broadcast_to_data(jnp.asarray(scale_at(scale, t), cond.dtype), cond)

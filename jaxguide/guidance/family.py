@@ -17,8 +17,8 @@ from jax.typing import ArrayLike
 
 from jaxguide.errors import ConfigError
 from jaxguide.guidance.core import (Interval, Paired, Scale, _check_interval, _within, cond_and_null,
-                                    passes, scale_at, selected_log_prob, subtract_gradient,
-                                    tag_intervals)
+                                    null_like, passes, scale_at, selected_log_prob,
+                                    subtract_gradient, tag_intervals)
 from jaxguide.score import EpsFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -32,34 +32,46 @@ def _lerp(base: jax.Array, target: jax.Array, scale: Scale, t: jax.Array) -> jax
 def negative(eps_fn: EpsFn, scale: Scale, negative_label: ArrayLike, *,
              interval: Interval = None) -> EpsFn:
   """Negative-label guidance: ε̃ = ε(y⁻) + s (ε(y) − ε(y⁻)), the negative prompt of text-to-image
-  CFG in class form: away from y⁻ (a label, or one per sample (B,)) and toward y. With y⁻ = ∅ it
-  is `classifier_free` exactly. Both passes are one vmapped call."""
+  CFG in class form: away from y⁻ (a label, or one per sample (B,)) and toward y. With vector
+  conditions y (B, D), y⁻ is a vector (D,) or (B, D): a negative prompt's encoding in the empty
+  prompt's place. With y⁻ = ∅ it is `classifier_free` exactly. Both passes are one vmapped call."""
   _check_interval(interval)
 
   def fn(x, t, y):
     def guided():
-      neg = jnp.broadcast_to(jnp.asarray(negative_label, y.dtype), y.shape)
+      neg = null_like(y, negative_label)
       cond, away = passes(eps_fn, x, t, jnp.stack([y, neg]))
       return _lerp(away, cond, scale, t), cond
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
   return tag_intervals(fn, interval, eps_fn)
 
 
-def compose(eps_fn: EpsFn, labels: ArrayLike, weights: ArrayLike, null_label: int) -> EpsFn:
-  """Composed labels: ε̃ = ε(∅) + Σᵢ wᵢ (ε(yᵢ) − ε(∅)), labels and weights (B, k) (or (k,) for
-  every sample); a negative weight means "not yᵢ". All k + 1 passes are ONE vmapped call. The
-  ε-function's own y is not read: the labels given here are the condition. One label of weight s
-  is CFG at s; weights may be traced."""
+def compose(eps_fn: EpsFn, labels: ArrayLike, weights: ArrayLike, null_label: ArrayLike) -> EpsFn:
+  """Composed conditions: ε̃ = ε(∅) + Σᵢ wᵢ (ε(yᵢ) − ε(∅)), with k conditions yᵢ and weights
+  (B, k) (or (k,) for every sample); a negative weight means "not yᵢ". All k + 1 passes are ONE
+  vmapped call. The ε-function's own y is not read: the conditions given here are the condition.
+  Labels: `labels` int (k,) or (B, k), ∅ the null label. Vector conditions (B, D): `labels`
+  (k, D) or (B, k, D), ∅ the null vector (D,). One condition of weight s is CFG at s; weights
+  may be traced."""
   labels, weights = jnp.asarray(labels), jnp.asarray(weights)
-  if labels.shape[-1:] != weights.shape[-1:] or labels.ndim not in (1, 2):
+  integer = jnp.issubdtype(labels.dtype, jnp.integer)
+  if weights.ndim not in (1, 2) or (integer and (labels.ndim not in (1, 2) or
+                                                 labels.shape[-1:] != weights.shape[-1:])):
     raise ConfigError(f"compose: labels {labels.shape} and weights {weights.shape} must both be "
                       "(k,) or (B, k), one weight per label")
 
   def fn(x, t, y):
-    b = x.shape[0]
-    lab = jnp.broadcast_to(labels.astype(jnp.int32), (b, labels.shape[-1]))
-    w = jnp.broadcast_to(weights, (b, weights.shape[-1])).astype(jnp.float32)
-    stack = jnp.concatenate([lab.T, jnp.full((1, b), null_label, jnp.int32)])   # (k + 1, B)
+    b, cond_shape = x.shape[0], y.shape[1:]
+    per_sample = labels.ndim == 2 + len(cond_shape)
+    if labels.ndim not in (1 + len(cond_shape), 2 + len(cond_shape)) or (
+        labels.shape[int(per_sample)] != weights.shape[-1]):
+      raise ConfigError(f"compose: conditions {labels.shape} and weights {weights.shape} must be "
+                        f"(k,)+{cond_shape} and (k,), or with a leading batch axis, one weight each")
+    k = weights.shape[-1]
+    lab = jnp.broadcast_to(labels.astype(y.dtype), (b, k) + cond_shape)
+    w = jnp.broadcast_to(weights, (b, k)).astype(jnp.float32)
+    null = null_like(y, null_label)[None]
+    stack = jnp.concatenate([jnp.moveaxis(lab, 1, 0), null])   # (k + 1, B) + condition shape
     out = passes(eps_fn, x, t, stack)
     conds, uncond = out[:-1], out[-1]
     w = w.T.reshape(w.shape[::-1] + (1,) * (x.ndim - 1)).astype(out.dtype)      # (k, B, 1...)
@@ -82,7 +94,7 @@ def autoguidance(eps_fn: EpsFn, weak_eps_fn: EpsFn, scale: Scale, *,
   return tag_intervals(fn, interval, eps_fn)
 
 
-def apg(eps_fn: EpsFn, sde: VPSDE, scale: Scale, null_label: int, *, eta: float = 0.0,
+def apg(eps_fn: EpsFn, sde: VPSDE, scale: Scale, null_label: ArrayLike, *, eta: float = 0.0,
         norm_threshold: float | None = None, momentum: float = 0.0,
         interval: Interval = None) -> EpsFn:
   """Adaptive projected guidance, in x̂₀ space: Δ = D_c − D_u, scaled so that ‖Δ‖ ≤ r per sample
@@ -156,7 +168,7 @@ class CFGPlusPlus(Paired):
   samplers that implement CFG++ (ddim, dpmpp_2m, ddpm) call `pair` for (ε̂, ε(∅)) from one vmapped call.
   """
 
-  def __init__(self, eps_fn: EpsFn, lam: Scale, null_label: int):
+  def __init__(self, eps_fn: EpsFn, lam: Scale, null_label: ArrayLike):
     if isinstance(lam, (int, float)) and not 0.0 <= lam <= 1.0:
       raise ConfigError(f"cfgpp lambda={lam}: must be in [0, 1] (CFG++'s guidance), e.g. 0.6")
     self.eps_fn, self.lam, self.null_label = eps_fn, lam, null_label
@@ -167,7 +179,7 @@ class CFGPlusPlus(Paired):
     return _lerp(uncond, cond, self.lam, t), uncond
 
 
-def cfgpp(eps_fn: EpsFn, lam: Scale, null_label: int) -> CFGPlusPlus:
+def cfgpp(eps_fn: EpsFn, lam: Scale, null_label: ArrayLike) -> CFGPlusPlus:
   """CFG++ (Chung et al. 2024); see `CFGPlusPlus`. λ = 0 is the unconditional model."""
   return CFGPlusPlus(eps_fn, lam, null_label)
 
