@@ -90,5 +90,20 @@ def prefetch_to_device(batches: Iterable[Any], mesh: Mesh, size: int = 2) -> Ite
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree (parameters, optimizer state) fully replicated on the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree (parameters, optimizer state; host or device arrays) fully replicated on the
+  mesh.
+
+  With several processes each process copies its own value onto its own devices. `device_put`
+  would first check that every process holds the same value, by an all-gather of the whole tree
+  (jax's `multihost_utils.assert_equal`, one compiled gather per leaf): here every process holds
+  the same value by construction (the same seed, or the same checkpoint, which each process reads
+  whole: the state is replicated, so there is no shard of it to read alone)."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  devices = list(sharding.addressable_devices)
+
+  def place(x):
+    return jax.make_array_from_single_device_arrays(
+        np.shape(x), sharding, [jax.device_put(x, d) for d in devices])
+  return jax.tree.map(place, tree)

@@ -199,8 +199,7 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", name), save_every=tc.ckpt_every,
                                  keep=tc.keep_ckpts, warn_incomplete=False)   # read_resumable warned
   if resume_from is not None:   # host arrays, placed like the fresh state (replicated on the mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, state.checkpoint_tree())
-    state = state.from_checkpoint_tree(jax.device_put(resume_from, shardings))
+    state = state.from_checkpoint_tree(parallel.replicate(resume_from, mesh))
   start = int(state.step)
   writer.rewind(name, start)
   step_fn = make_train_step(spec.loss_fn, mesh)
