@@ -131,7 +131,7 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,   # the next save removes what a killed one left
         enable_async_checkpointing=False,    # a returned save is on disk: simple, preemption-safe
         # With several processes a save is collective (each writes what it owns, process 0
-        # finalizes); a read is each process's own, with no barrier: process 0 alone can sample.
+        # finalizes); a read is each process's own, with no barrier: each reads alone.
         multiprocessing_options=self._read_alone() if read_only else ocp.options.MultiprocessingOptions())
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())

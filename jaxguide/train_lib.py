@@ -2,7 +2,7 @@
 
 Patterned on the Flax imagenet example (create_train_state / train_step / train_and_evaluate) and
 vdm (EMA inside the state, per-step keys from `fold_in(rng, step)`). The batch is split over a
-`data` mesh axis of all local devices; one device is the same code path.
+`data` mesh axis of every device (of every process); one device is the same code path.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from jaxguide import checkpoint, config_lib, data, evaluate, parallel, pipeline
 from jaxguide.errors import ConfigError
 from jaxguide.losses import LossFn
+from jaxguide.parallel import is_primary
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -95,12 +96,6 @@ def make_train_step(loss_fn: LossFn, mesh: jax.sharding.Mesh) -> Callable:
 
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
-
-
-def is_primary() -> bool:
-  """Process 0: with several processes the one that writes metrics, reports and JSON and shows
-  progress (checkpoints are written by all of them together)."""
-  return jax.process_index() == 0
 
 
 class MetricsWriter:

@@ -1,5 +1,6 @@
 """Several processes with jax.distributed, for real, on 127.0.0.1: 2 processes x 1 CPU device train
-exactly what 1 process x 2 devices trains, and only process 0 writes metrics and reports."""
+exactly what 1 process x 2 devices trains, and only process 0 writes metrics and reports; sample.py
+on 2 processes writes what 1 writes."""
 import json
 import os
 import socket
@@ -7,10 +8,12 @@ import subprocess
 import sys
 
 import chex
+import numpy as np
 import pytest
 
 from jaxguide import cli, train_lib
 from jaxguide.errors import ConfigError
+from tests.cli_test import assert_one_line_error, tree_hash
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 180
@@ -32,30 +35,44 @@ def env(devices: int) -> dict:
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def start(args, devices: int, log_dir, name: str) -> subprocess.Popen:
+def start(args, devices: int, log_dir, name: str, script: str = "train.py") -> subprocess.Popen:
+  """train.py (with TOY) or sample.py, its output in log_dir/name.out and .err."""
   out = open(os.path.join(log_dir, f"{name}.out"), "w")
   err = open(os.path.join(log_dir, f"{name}.err"), "w")
-  return subprocess.Popen([sys.executable, "train.py", *TOY, *args], cwd=ROOT, env=env(devices),
+  base = TOY if script == "train.py" else []
+  return subprocess.Popen([sys.executable, script, *base, *args], cwd=ROOT, env=env(devices),
                           stdout=out, stderr=err, text=True)
 
 
-def launch(args_per_process, devices: int, log_dir, name: str) -> list[dict]:
-  """Starts one train.py per argument list, waits for all (bounded), kills all if any fails or
-  runs over; returns each one's exit code, stdout and stderr."""
-  procs = [start(args, devices, log_dir, f"{name}{i}") for i, args in enumerate(args_per_process)]
+def kill(procs) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def finish(procs, log_dir, name: str, timeout: float = TIMEOUT_S) -> list[dict]:
+  """Waits for processes started as name0, name1, ... (bounded), kills any still running; returns
+  each one's exit code, stdout and stderr."""
   try:
     for p in procs:
-      p.wait(timeout=TIMEOUT_S)
+      p.wait(timeout=timeout)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    kill(procs)
   results = []
   for i, p in enumerate(procs):
     read = lambda ext: open(os.path.join(log_dir, f"{name}{i}.{ext}")).read()
     results.append({"rc": p.returncode, "out": read("out"), "err": read("err")})
   return results
+
+
+def launch(args_per_process, devices: int, log_dir, name: str,
+           script: str = "train.py") -> list[dict]:
+  """Starts one script per argument list, waits for all (bounded), kills all if any fails or
+  runs over; returns each one's exit code, stdout and stderr."""
+  procs = [start(args, devices, log_dir, f"{name}{i}", script)
+           for i, args in enumerate(args_per_process)]
+  return finish(procs, log_dir, name)
 
 
 def distributed(n: int, port: int, *extra) -> list[list[str]]:
@@ -142,3 +159,78 @@ def test_distributed_flags_passed():
   assert cli.distributed_args(None, None, None) is None
   assert cli.distributed_args("10.0.0.1:1234", 4, 3) == {
       "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+
+
+# ------------------------------------------------------------------ sampling across processes
+
+# The trained run the sampling tests read: 200 steps, a checkpoint every 50; train.py's final
+# grids (where a run gets to them) tiny.
+LONG = ["--config.train.steps=200", "--config.train.ckpt_every=50", "--config.sample.steps=10",
+        "--config.sample.num_per_class=4"]
+SAMPLE = ["--steps=10", "--num_per_class=4", "--guidance=cfg", "--scale=1,3", "--evaluate"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """A 200-step run (1 process x 2 devices), started at once so that it runs beside the first test
+  that asks for it; calling the fixture's value waits for it and returns its workdir."""
+  logs = tmp_path_factory.mktemp("straight")
+  workdir = str(logs / "run")
+  proc = start([f"--workdir={workdir}", *LONG, "--nogrids"], 2, str(logs), "straight0")
+
+  def wait() -> str:
+    [result] = finish([proc], str(logs), "straight")
+    assert result["rc"] == 0, result["err"][-3000:]
+    return workdir
+  yield wait
+  kill([proc])
+
+
+def test_sample_two_processes_write_what_one_process_writes(straight, tmp_path):
+  """sample.py on 2 processes x 1 device: process 0 writes samples.npz equal to 1 process x 2
+  devices' (the same global mesh), the same files and report; process 1 writes and prints nothing
+  (its --out is its own here, so that anything it wrote would show)."""
+  workdir, logs = straight(), str(tmp_path)
+  one = start([f"--workdir={workdir}", f"--out={tmp_path / 'one'}", *SAMPLE], 2, logs, "one0",
+              script="sample.py")
+  outs = [tmp_path / "out0", tmp_path / "out1"]
+  runs = launch([args + [f"--out={outs[i]}"] for i, args in
+                 enumerate(distributed(2, free_port(), f"--workdir={workdir}", *SAMPLE))], 1, logs,
+                "sample", script="sample.py")
+  [single] = finish([one], logs, "one")
+  for r in runs + [single]:
+    assert r["rc"] == 0, r["err"][-3000:]
+  a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(outs[0] / "samples.npz")
+  assert sorted(a.files) == sorted(b.files) and len(a["image"]) == 32
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(outs[0]))
+  judged = lambda d: {k: v for k, v in json.loads((d / "report.json").read_text()).items()
+                      if k in ("report", "reference")}
+  assert judged(tmp_path / "one") == judged(outs[0])
+  assert json.loads(runs[0]["out"][runs[0]["out"].index("{"):])["samples"] == 32
+  assert not outs[1].exists()
+  assert quiet(runs[1]["out"]) and quiet(runs[1]["err"]), runs[1]
+
+
+def test_sample_refusals_write_nothing(straight, tmp_path):
+  """sample.py's bad distributed input: the flags half given (one process), and on 2 processes a
+  call of 3 samples that 2 devices cannot split. One line, exit 2, no --out, the workdir as it was."""
+  workdir, logs = straight(), str(tmp_path)
+  before = tree_hash(workdir)
+  half = start([f"--workdir={workdir}", f"--out={tmp_path / 'half'}", "--num_processes=2"], 1, logs,
+               "half0", script="sample.py")
+  runs = launch(distributed(2, free_port(), f"--workdir={workdir}", f"--out={tmp_path / 'odd'}",
+                            "--labels=0", "--num_per_class=3", "--steps=2"), 1, logs, "odd",
+                script="sample.py")
+  [single] = finish([half], logs, "half")
+  assert_one_line_error(result(single), "--coordinator_address, --process_id missing")
+  for r in runs:
+    assert_one_line_error(result(r), "--num_per_class=3")
+  assert "e.g. --num_per_class=4" in runs[0]["err"]
+  assert not (tmp_path / "half").exists() and not (tmp_path / "odd").exists()
+  assert tree_hash(workdir) == before
+
+
+def result(run: dict) -> subprocess.CompletedProcess:
+  return subprocess.CompletedProcess([], run["rc"], run["out"], run["err"])
