@@ -6,6 +6,7 @@ vdm (EMA inside the state, per-step keys from `fold_in(rng, step)`). The batch i
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxguide import checkpoint, config_lib, data, evaluate, parallel, pipeline
@@ -154,23 +156,57 @@ class Diverged(Exception):
     self.model, self.step, self.last_good = model, step, last_good
 
 
+# Steps checked for an agreed stop, over the process's life: jax's preemption sync point is a
+# count of calls, which must grow by one per call on every process (across models and runs).
+_SYNC_CALLS = itertools.count(1)
+
+
 class StopSignal:
-  """Records SIGTERM/SIGINT instead of dying mid-step, so the loop can save and stop cleanly.
-  Handlers can only be installed from the main thread; elsewhere this records nothing."""
+  """SIGTERM/SIGINT become a clean stop after a step instead of death mid-step: `due()`, called
+  once per step, says when to save and stop.
+
+  One process: a handler records the signal and the step it lands in is the last.
+  Several processes: all must stop after the same step, or orbax's collective save would wait
+  forever for those still training. A SIGTERM is left to jax's preemption notifier (installed by
+  jax.distributed.initialize): the coordination service hears of it from that one process and
+  sets a sync point, the step count after the fastest process's current one, and `due()` turns
+  true at that same call on every process (`multihost_utils.reached_preemption_sync_point`).
+  Checked every step, since the check is a lock and a compare on the host: no collective, no wait
+  for the devices. A SIGINT (Ctrl-C) is passed on as a SIGTERM to its own process, to the same
+  end. With jax's preemption service turned off (jax_enable_preemption_service=False) nothing
+  is handled: a signal ends its process, and the same command resumes from the last complete
+  checkpoint. Handlers can only be installed from the main thread; elsewhere this records nothing."""
 
   def __init__(self):
     self.requested: int | None = None
     self._previous: dict[int, Any] = {}
+    several = jax.process_count() > 1
+    self._synced = (several and jax.distributed.is_initialized()   # jax 0.6 lacks the option
+                    and getattr(jax.config, "jax_enable_preemption_service", True))
+    if several:   # no Python SIGTERM handler: it would replace jax's notifier
+      self._signals = (signal.SIGINT,) if self._synced else ()
+    else:
+      self._signals = (signal.SIGTERM, signal.SIGINT)
 
   def __enter__(self) -> "StopSignal":
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame) -> None:
     del frame
-    self.requested = signum
+    if self._synced:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = signum
+
+  def due(self) -> bool:
+    """Whether to save and stop after this step; with several processes every process calls it
+    once per step and all get the same answer at the same step."""
+    if self._synced:
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
+    return self.requested is not None
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
@@ -220,7 +256,7 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
         t_last, n_last = time.perf_counter(), step + 1
       log_due = (step + 1) % log_every == 0 or step + 1 == steps
       save_due = (step + 1) % ckpt_every == 0
-      stopping = stop is not None and stop.requested is not None
+      stopping = stop is not None and stop.due()   # every step, on every process
       if log_due or stopping or save_due:
         # Checked before any save: a diverged state is never written over a good checkpoint.
         host = _host_metrics(metrics)
@@ -308,13 +344,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     earlier = None
   earlier = earlier if isinstance(earlier, dict) else {}
   report: dict[str, Any] = {k: v for k, v in earlier.items() if k not in specs}
-  for name, spec in specs.items():
-    with StopSignal() as stop:
+  with StopSignal() as stop:   # one for every model: a signal while evaluating stops the next
+    for name, spec in specs.items():
       state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop,
                                  resume_from=resume_from.pop(name))
-    report[name] = {**speed, "steps": int(state.step),
-                    "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
-                    **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
+      report[name] = {**speed, "steps": int(state.step),
+                      "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+                      **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
   if is_primary():
     checkpoint.atomic_write_text(report_path, json.dumps(report, indent=2))
   return report
