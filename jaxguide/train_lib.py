@@ -259,6 +259,9 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
       stopping = stop is not None and stop.due()   # every step, on every process
       if log_due or stopping or save_due:
         # Checked before any save: a diverged state is never written over a good checkpoint.
+        # With several processes all decide alike, so none is left alone in a collective save:
+        # the metrics are replicated (one value everywhere) and so are the steps that look at
+        # them (log and save steps by the config, a stop by agreement).
         host = _host_metrics(metrics)
         if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
           raise Diverged(name, step + 1, ckpt.latest_step(), ckpt.directory)
