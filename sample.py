@@ -26,6 +26,11 @@ one PNG grid per kind and scale (classes or prompts as rows), with
 --gif the denoising trajectory of each kind's first scale, and with --evaluate report.json,
 report.md (one row per kind × scale: accuracy, worst class, Fréchet distance beside its
 train-vs-test floor and noise ceiling, diversity) and sweep.png.
+
+On several hosts, the same command on each with --coordinator_address HOST:PORT --num_processes N
+--process_id I (or --distributed under SLURM / on a TPU pod): every process samples its share of
+each batch on the global mesh, process 0 alone writes and prints, and the files are those one
+process writes for the same arguments.
 """
 import json
 import os
@@ -38,7 +43,7 @@ if __name__ == "__main__":
 
 from absl import flags
 
-from jaxguide import pipeline, sample_lib
+from jaxguide import parallel, pipeline, sample_lib
 
 flags.DEFINE_string("workdir", None, "A folder trained by train.py.")
 flags.DEFINE_string("guidance", None, f"{' | '.join(pipeline.GUIDANCES)}, or a comma list of them "
@@ -90,17 +95,22 @@ flags.DEFINE_integer("recurrence", None, "--guidance x0_classifier: extra guided
 flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.")
 flags.DEFINE_string("dtype", None, "The networks' compute dtype: float32 | bfloat16 (default: the "
                     "config's sample.dtype, float32 whatever they were trained in).")
+cli.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   cli.check_args(argv, FLAGS.workdir, "the folder train.py wrote")
-  request = sample_lib.request_from_flags(FLAGS)
-  run = pipeline.load_run(FLAGS.workdir, dtype=FLAGS.dtype)
+  request = sample_lib.request_from_flags(FLAGS)   # flags alone: refused before any process connects
+  cli.start_distributed()
+  run = pipeline.load_run(FLAGS.workdir, dtype=FLAGS.dtype)   # each process reads the checkpoints
   request = sample_lib.complete_request(request, run)
+  sample_lib.check_split(request)
   out = sample_lib.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "samples"))
+  # Several processes: each samples its share of every batch; process 0 writes and prints.
   summary = sample_lib.sample_and_write(run, request, out)
-  print(json.dumps(summary, indent=2), file=sys.stdout)
+  if parallel.is_primary():
+    print(json.dumps(summary, indent=2), file=sys.stdout)
 
 
 if __name__ == "__main__":

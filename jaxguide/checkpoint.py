@@ -108,6 +108,17 @@ def _ignore_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager without its own look at jax's preemption sync point. orbax asks it on every
+  save, passing the checkpoint's step, and jax's protocol reads the last number any caller
+  passed: that would move the per-step count that the training loop's `StopSignal.due` keeps.
+  Every save here is asked for explicitly (a due step, or a stop the loop agreed on)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Saves every `save_every` steps (and when forced), keeps the last `keep`, restores the latest.
   `read_only` never creates, cleans or writes anything (sampling must leave a workdir as it was)."""
@@ -131,10 +142,10 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,   # the next save removes what a killed one left
         enable_async_checkpointing=False,    # a returned save is on disk: simple, preemption-safe
         # With several processes a save is collective (each writes what it owns, process 0
-        # finalizes); a read is each process's own, with no barrier: process 0 alone can sample.
+        # finalizes); a read is each process's own, with no barrier: each reads alone.
         multiprocessing_options=self._read_alone() if read_only else ocp.options.MultiprocessingOptions())
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=ocp.StandardCheckpointHandler())
+    self._manager = _Manager(self.directory, options=options,
+                             item_handlers=ocp.StandardCheckpointHandler())
 
   @staticmethod
   def _read_alone() -> "ocp.options.MultiprocessingOptions":

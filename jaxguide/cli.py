@@ -33,6 +33,16 @@ def check_args(argv: Sequence[str], workdir: str | None, hint: str) -> None:
     fail(f"--workdir is required: {hint}, e.g. --workdir runs/mnist")
 
 
+def define_distributed_flags() -> None:
+  """The multi-host flags both scripts take (read by `start_distributed`)."""
+  flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first (its "
+                    "coordinator, process count and id come from the cluster's environment).")
+  flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: HOST:PORT of "
+                      "process 0's coordinator (with --num_processes and --process_id).")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.")
+
+
 def distributed_args(coordinator_address: str | None, num_processes: int | None,
                      process_id: int | None) -> dict | None:
   """The explicit `jax.distributed.initialize` arguments, checked; None when none is given (then
@@ -60,12 +70,12 @@ def distributed_args(coordinator_address: str | None, num_processes: int | None,
           "process_id": process_id}
 
 
-def start_distributed(auto: bool, coordinator_address: str | None, num_processes: int | None,
-                      process_id: int | None) -> None:
+def start_distributed() -> None:
   """`jax.distributed.initialize`, before jax's backend starts: with the explicit flags when
-  given (checked first), else auto-detected when `auto` (--distributed); otherwise nothing."""
-  explicit = distributed_args(coordinator_address, num_processes, process_id)
-  if explicit is None and not auto:
+  given (checked first), else auto-detected under --distributed; otherwise nothing."""
+  f = flags.FLAGS
+  explicit = distributed_args(f.coordinator_address, f.num_processes, f.process_id)
+  if explicit is None and not f.distributed:
     return
   import jax
   jax.distributed.initialize(**(explicit or {}))

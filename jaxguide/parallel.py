@@ -1,7 +1,8 @@
-"""Data parallelism: one `Mesh` with a `data` axis over the local devices, batches split along it.
+"""Data parallelism: one `Mesh` with a `data` axis over every device, batches split along it.
 
 One device is the special case of this path, not another code path. Multi-host runs call
-`jax.distributed.initialize()` first (see README); every process then feeds its local slice.
+`jax.distributed.initialize()` first (see README); every process then feeds its local slice, runs
+the same program over the global mesh, and process 0 alone writes (`is_primary`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxguide.errors import ConfigError
@@ -28,10 +30,17 @@ def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def local_batch_mesh(batch_size: int) -> Mesh | None:
-  """The data mesh over this process's devices when they divide `batch_size` (a batch the
-  samplers split over them), else None."""
-  mesh = data_mesh(jax.local_devices())
+def is_primary() -> bool:
+  """Process 0: with several processes the one that writes metrics, reports, JSON, samples and
+  figures and shows progress (checkpoints are written by all of them together)."""
+  return jax.process_index() == 0
+
+
+def batch_mesh(batch_size: int) -> Mesh | None:
+  """The data mesh over every device of every process when they divide `batch_size` (a batch the
+  samplers split over them), else None. With several processes, every process must then run the
+  computation (one SPMD program), as sample.py and train.py's grids do."""
+  mesh = data_mesh(jax.devices())
   return mesh if batch_size % mesh.devices.size == 0 else None
 
 
@@ -90,5 +99,35 @@ def prefetch_to_device(batches: Iterable[Any], mesh: Mesh, size: int = 2) -> Ite
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree (parameters, optimizer state) fully replicated on the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree (parameters, optimizer state; host or device arrays) fully replicated on the
+  mesh.
+
+  With several processes each process copies its own value onto its own devices. `device_put`
+  would first check that every process holds the same value, by an all-gather of the whole tree
+  (jax's `multihost_utils.assert_equal`, one compiled gather per leaf): here every process holds
+  the same value by construction (the same seed, or the same checkpoint, which each process reads
+  whole: the state is replicated, so there is no shard of it to read alone)."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  devices = list(sharding.addressable_devices)
+
+  def place(x):
+    return jax.make_array_from_single_device_arrays(
+        np.shape(x), sharding, [jax.device_put(x, d) for d in devices])
+  return jax.tree.map(place, tree)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (a broadcast; with one process, `flag` itself)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """All of an array as numpy on this process. One split over several processes' devices is
+  all-gathered first: every process must call this for it (a collective)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return multihost_utils.process_allgather(x, tiled=True)

@@ -126,9 +126,9 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   if "score" not in params:
     raise ConfigError(f"--workdir={workdir} has no score-network checkpoint: train it with "
                       f"python train.py --workdir {workdir}")
-  # Replicated over this process's devices: the samplers split batches over the same mesh, and a
-  # checkpoint saved on another device count must not pin the parameters to its devices.
-  params = parallel.replicate(params, parallel.data_mesh(jax.local_devices()))
+  # Replicated over every device (of every process): the samplers split batches over the same
+  # mesh, and a checkpoint saved on another device count must not pin the parameters to its devices.
+  params = parallel.replicate(params, parallel.data_mesh())
   return Run(workdir, config, sde, shape, k, apply_fns, params, captions)
 
 
@@ -251,7 +251,9 @@ def generate(run: Run, key: jax.Array, labels: np.ndarray, scales: np.ndarray, *
   A text run's `labels` are the prompts' encodings (N, D) (conditioning.embed_prompts).
   `options` go to `samplers.sample` (spacing, clip_x0, eta, snr, ...; t_eps defaults to
   `run.t_eps`) or to the guidance (guide_conditional, interval, rescale).
-  `timings`, if given, receives compile_s (0 when cached) and sample_s (wall time after it)."""
+  `timings`, if given, receives compile_s (0 when cached) and sample_s (wall time after it).
+  With several processes every process calls it alike: each samples its share of every chunk on
+  the global mesh, and each gets all the samples back."""
   scales = np.asarray(scales, np.float32)
   if run.cond_dim:
     labels = np.asarray(labels, np.float32)
@@ -276,9 +278,9 @@ def generate(run: Run, key: jax.Array, labels: np.ndarray, scales: np.ndarray, *
       y, s = pad(y), pad(s)
     out = executable(run.params, jax.random.fold_in(key, i), y, s, np.float32(clf_scale))
     x0, traj = out if return_trajectory else (out, None)
-    outs.append(np.asarray(x0)[:m])
+    outs.append(parallel.to_host(x0)[:m])   # with several processes: gathered onto each
     if traj is not None:
-      trajs.append(np.asarray(traj)[:, :m])
+      trajs.append(parallel.to_host(traj)[:, :m])
   if timings is not None:
     timings["compile_s"] = 0.0 if _compiled.cache_info().hits > cache_before else compile_s
     timings["sample_s"] = time.perf_counter() - start

@@ -18,13 +18,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from jaxguide import checkpoint, conditioning, evaluate, guidance, pipeline, plotting, samplers
+from jaxguide import (checkpoint, conditioning, evaluate, guidance, parallel, pipeline, plotting,
+                      samplers)
 from jaxguide.errors import ConfigError
 from jaxguide.sde import SPACINGS
 
@@ -391,14 +393,43 @@ def prompt_class(run: pipeline.Run, prompt: str) -> Optional[int]:
   return conditioning.digit_of(prompt, run.config.condition)
 
 
+def check_split(req: Request) -> None:
+  """With several processes, each compiled call's batch must split evenly over every device of
+  every process (one share each): refused otherwise, before anything is written. (A batch the
+  devices do not divide would be sampled whole by every device: no error, and no speed-up.)"""
+  n_proc, n_dev = jax.process_count(), jax.device_count()
+  if n_proc == 1:
+    return
+  for kind in req.guidance:
+    slots = len(req.prompts) if req.prompts is not None else len(req.labels)
+    per_call = slots * len(req.scales[kind])   # samples per unit of --num_per_class
+    total = per_call * req.num_per_class
+    if req.batch_size < total and req.batch_size % n_dev:
+      raise ConfigError(f"--batch_size={req.batch_size} is not divisible by the {n_dev} devices of "
+                        f"{n_proc} processes: use a multiple of {n_dev}")
+    if req.batch_size >= total and total % n_dev:
+      step = n_dev // math.gcd(n_dev, per_call)
+      raise ConfigError(f"--num_per_class={req.num_per_class}: --guidance {kind} samples {total} "
+                        f"in one call ({slots} labels or prompts x {len(req.scales[kind])} scales x "
+                        f"{req.num_per_class}), which the {n_dev} devices of {n_proc} processes do "
+                        f"not split evenly: use a multiple of {step}, e.g. --num_per_class="
+                        f"{-(-req.num_per_class // step) * step}")
+
+
 def prepare_out(out: str) -> str:
-  """Creates the output folder (after every check has passed)."""
+  """Creates the output folder (after every check has passed). With several processes process 0
+  creates it and tells the others whether it could: all refuse alike, or none does."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f"--out={out} is a file: choose a folder path")
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--out={out}: cannot create it ({e.strerror}): choose a writable folder") from None
+  error = None
+  if parallel.is_primary():
+    try:
+      os.makedirs(out, exist_ok=True)
+    except OSError as e:
+      error = e.strerror
+  if not parallel.agree(error is None):
+    raise ConfigError(f"--out={out}: cannot create it ({error or 'on process 0'}): choose a "
+                      "writable folder")
   return out
 
 
@@ -472,21 +503,26 @@ def sample_and_write(run: pipeline.Run, req: Request, out: str,
     # Images are [−1, 1] data: what is written (and judged) stays there. The trajectory is not
     # clipped: its noisy states leave [−1, 1] by design (the GIF clips them for display).
     groups = [dataclasses.replace(g, images=np.clip(g.images, -1.0, 1.0)) for g in groups]
-  npz = os.path.join(out, "samples.npz")
-  save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
-           label=np.concatenate([g.labels for g in groups]),
-           scale=np.concatenate([g.scales for g in groups]),
-           guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]), **extra)
-  files = [npz] + [f for g in groups for f in _write_figures(run, req, g, out)]
+  # With several processes every process has sampled its share and holds all the samples; process
+  # 0 alone writes, and `files` lists what this process wrote.
+  primary, files = parallel.is_primary(), []
+  if primary:
+    npz = os.path.join(out, "samples.npz")
+    save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
+             label=np.concatenate([g.labels for g in groups]),
+             scale=np.concatenate([g.scales for g in groups]),
+             guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]), **extra)
+    files = [npz] + [f for g in groups for f in _write_figures(run, req, g, out)]
   summary: dict[str, Any] = {
       "samples": int(sum(len(g.labels) for g in groups)),
       "compile_s": sum(g.compile_s for g in groups), "sample_s": sum(g.sample_s for g in groups),
       "timings": {g.kind: {"compile_s": g.compile_s, "sample_s": g.sample_s} for g in groups},
       "files": files, "request": report_request(req)}
-  if req.evaluate:
+  if req.evaluate:   # measured by every process: the judge's networks live on the global mesh
     rows, reference = evaluate.measure(judge or evaluate.run_judge(run), groups, seed=req.seed)
     summary.update(report=rows, reference=reference)
-    write_report(out, summary, run)
+    if primary:
+      write_report(out, summary, run)
   return summary
 
 
@@ -537,7 +573,9 @@ def write_report(out: str, summary: dict[str, Any], run: pipeline.Run) -> None:
 
 def final_grids(workdir: str) -> dict[str, Any]:
   """train.py's last act: a CFG grid and, when a classifier was trained, a classifier-guidance
-  grid at the config's scales, judged by the evaluator when there is one."""
+  grid at the config's scales, judged by the evaluator when there is one. With several processes
+  every process calls it (each samples its share; process 0 writes): a batch the devices do not
+  divide is sampled whole by each device rather than refused, since training has already ended."""
   run = pipeline.load_run(workdir)
   out = prepare_out(os.path.join(workdir, "samples"))
   kinds = ["cfg"] + (["classifier"] if "classifier" in run.params else [])

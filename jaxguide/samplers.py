@@ -45,7 +45,7 @@ from jax import lax
 
 from jaxguide import guidance
 from jaxguide.errors import ConfigError
-from jaxguide.parallel import batch_sharding, local_batch_mesh
+from jaxguide.parallel import batch_sharding, batch_mesh
 from jaxguide.score import EpsFn, eps_to_score, eps_to_x0
 from jaxguide.sde import SPACINGS, VPSDE, broadcast_to_data
 
@@ -306,7 +306,8 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta).
   jit it with the static arguments bound and scales traced inside eps_fn, e.g.
   `jax.jit(functools.partial(sample, eps_fn=g, sde=sde, shape=s, sampler="ddim", steps=50))
-  (key, y=y)`. When the local devices divide the batch, x_T and y are sharded over them.
+  (key, y=y)`. When the devices divide the batch, x_T and y are sharded over them (with several
+  processes, over every process's devices: every process must then call it, one SPMD program).
   """
   fn = _check(sampler, steps, spacing, shape, y, return_trajectory, save_every, sampler_kwargs)
   if dynamic_threshold is not None:
@@ -316,7 +317,7 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   key_prior, key_loop = jax.random.split(key)
   x = sde.prior_sample(key_prior, shape)
   y = jnp.asarray(y)
-  mesh = local_batch_mesh(shape[0])
+  mesh = batch_mesh(shape[0])
   if mesh is not None:
     # A constraint, not device_put: it works under jit too, and jit propagates it to the loop.
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))

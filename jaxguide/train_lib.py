@@ -2,10 +2,11 @@
 
 Patterned on the Flax imagenet example (create_train_state / train_step / train_and_evaluate) and
 vdm (EMA inside the state, per-step keys from `fold_in(rng, step)`). The batch is split over a
-`data` mesh axis of all local devices; one device is the same code path.
+`data` mesh axis of every device (of every process); one device is the same code path.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,11 +21,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jaxguide import checkpoint, conditioning, config_lib, data, evaluate, parallel, pipeline
+from jaxguide import (checkpoint, conditioning, config_lib, cpu, data, evaluate, parallel,
+                      pipeline)
 from jaxguide.errors import ConfigError
 from jaxguide.losses import LossFn
+from jaxguide.parallel import is_primary
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -97,12 +101,6 @@ def make_train_step(loss_fn: LossFn, mesh: jax.sharding.Mesh) -> Callable:
   return jax.jit(train_step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
 
 
-def is_primary() -> bool:
-  """Process 0: with several processes the one that writes metrics, reports and JSON and shows
-  progress (checkpoints are written by all of them together)."""
-  return jax.process_index() == 0
-
-
 class MetricsWriter:
   """Appends one JSON object per line to workdir/metrics.jsonl. With several processes only
   process 0 writes or rewinds (`enabled`): each step's line appears once."""
@@ -159,23 +157,57 @@ class Diverged(Exception):
     self.model, self.step, self.last_good = model, step, last_good
 
 
+# Steps checked for an agreed stop, over the process's life: jax's preemption sync point is a
+# count of calls, which must grow by one per call on every process (across models and runs).
+_SYNC_CALLS = itertools.count(1)
+
+
 class StopSignal:
-  """Records SIGTERM/SIGINT instead of dying mid-step, so the loop can save and stop cleanly.
-  Handlers can only be installed from the main thread; elsewhere this records nothing."""
+  """SIGTERM/SIGINT become a clean stop after a step instead of death mid-step: `due()`, called
+  once per step, says when to save and stop.
+
+  One process: a handler records the signal and the step it lands in is the last.
+  Several processes: all must stop after the same step, or orbax's collective save would wait
+  forever for those still training. A SIGTERM is left to jax's preemption notifier (installed by
+  jax.distributed.initialize): the coordination service hears of it from that one process and
+  sets a sync point, the step count after the fastest process's current one, and `due()` turns
+  true at that same call on every process (`multihost_utils.reached_preemption_sync_point`).
+  Checked every step, since the check is a lock and a compare on the host: no collective, no wait
+  for the devices. A SIGINT (Ctrl-C) is passed on as a SIGTERM to its own process, to the same
+  end. With jax's preemption service turned off (jax_enable_preemption_service=False) nothing
+  is handled: a signal ends its process, and the same command resumes from the last complete
+  checkpoint. Handlers can only be installed from the main thread; elsewhere this records nothing."""
 
   def __init__(self):
     self.requested: int | None = None
     self._previous: dict[int, Any] = {}
+    several = jax.process_count() > 1
+    self._synced = (several and jax.distributed.is_initialized()   # jax 0.6 lacks the option
+                    and getattr(jax.config, "jax_enable_preemption_service", True))
+    if several:   # no Python SIGTERM handler: it would replace jax's notifier
+      self._signals = (signal.SIGINT,) if self._synced else ()
+    else:
+      self._signals = (signal.SIGTERM, signal.SIGINT)
 
   def __enter__(self) -> "StopSignal":
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame) -> None:
     del frame
-    self.requested = signum
+    if self._synced:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = signum
+
+  def due(self) -> bool:
+    """Whether to save and stop after this step; with several processes every process calls it
+    once per step and all get the same answer at the same step."""
+    if self._synced:
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
+    return self.requested is not None
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
@@ -199,8 +231,7 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", name), save_every=tc.ckpt_every,
                                  keep=tc.keep_ckpts, warn_incomplete=False)   # read_resumable warned
   if resume_from is not None:   # host arrays, placed like the fresh state (replicated on the mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, state.checkpoint_tree())
-    state = state.from_checkpoint_tree(jax.device_put(resume_from, shardings))
+    state = state.from_checkpoint_tree(parallel.replicate(resume_from, mesh))
   start = int(state.step)
   writer.rewind(name, start)
   step_fn = make_train_step(spec.loss_fn, mesh)
@@ -217,18 +248,24 @@ def train_model(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict, w
   t0 = time.perf_counter()
   t_last, n_last = t0, start
   batches = parallel.prefetch_to_device(host_batches, mesh)
+  one_in_flight = cpu.one_step_in_flight(mesh)
   try:
     for step, batch in zip(bar, batches):
       state, metrics = step_fn(state, batch)
+      if one_in_flight:
+        jax.block_until_ready(state.step)
       if step == start:   # the first call compiles: time it apart from the throughput
         jax.block_until_ready(state.step)
         speed["compile_s"] = time.perf_counter() - t0
         t_last, n_last = time.perf_counter(), step + 1
       log_due = (step + 1) % log_every == 0 or step + 1 == steps
       save_due = (step + 1) % ckpt_every == 0
-      stopping = stop is not None and stop.requested is not None
+      stopping = stop is not None and stop.due()   # every step, on every process
       if log_due or stopping or save_due:
         # Checked before any save: a diverged state is never written over a good checkpoint.
+        # With several processes all decide alike, so none is left alone in a collective save:
+        # the metrics are replicated (one value everywhere) and so are the steps that look at
+        # them (log and save steps by the config, a stop by agreement).
         host = _host_metrics(metrics)
         if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
           raise Diverged(name, step + 1, ckpt.latest_step(), ckpt.directory)
@@ -320,13 +357,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     earlier = None
   earlier = earlier if isinstance(earlier, dict) else {}
   report: dict[str, Any] = {k: v for k, v in earlier.items() if k not in specs}
-  for name, spec in specs.items():
-    with StopSignal() as stop:
+  with StopSignal() as stop:   # one for every model: a signal while evaluating stops the next
+    for name, spec in specs.items():
       state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop,
                                  resume_from=resume_from.pop(name))
-    report[name] = {**speed, "steps": int(state.step),
-                    "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
-                    **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
+      report[name] = {**speed, "steps": int(state.step),
+                      "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+                      **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
   if is_primary():
     checkpoint.atomic_write_text(report_path, json.dumps(report, indent=2))
   return report

@@ -1,16 +1,24 @@
 """Several processes with jax.distributed, for real, on 127.0.0.1: 2 processes x 1 CPU device train
-exactly what 1 process x 2 devices trains, and only process 0 writes metrics and reports."""
+exactly what 1 process x 2 devices trains, and only process 0 writes metrics and reports; a SIGTERM
+to one process stops all of them at one step, a SIGKILL loses only the steps since the last
+checkpoint, and the same command resumes exactly; sample.py on 2 processes writes what 1 writes."""
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
+import numpy as np
 import pytest
 
 from jaxguide import cli, train_lib
 from jaxguide.errors import ConfigError
+from tests.cli_test import assert_one_line_error, tree_hash
+from tests.reliability_test import last_logged_step, saved_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 180
@@ -32,30 +40,44 @@ def env(devices: int) -> dict:
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def start(args, devices: int, log_dir, name: str) -> subprocess.Popen:
+def start(args, devices: int, log_dir, name: str, script: str = "train.py") -> subprocess.Popen:
+  """train.py (with TOY) or sample.py, its output in log_dir/name.out and .err."""
   out = open(os.path.join(log_dir, f"{name}.out"), "w")
   err = open(os.path.join(log_dir, f"{name}.err"), "w")
-  return subprocess.Popen([sys.executable, "train.py", *TOY, *args], cwd=ROOT, env=env(devices),
+  base = TOY if script == "train.py" else []
+  return subprocess.Popen([sys.executable, script, *base, *args], cwd=ROOT, env=env(devices),
                           stdout=out, stderr=err, text=True)
 
 
-def launch(args_per_process, devices: int, log_dir, name: str) -> list[dict]:
-  """Starts one train.py per argument list, waits for all (bounded), kills all if any fails or
-  runs over; returns each one's exit code, stdout and stderr."""
-  procs = [start(args, devices, log_dir, f"{name}{i}") for i, args in enumerate(args_per_process)]
+def kill(procs) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def finish(procs, log_dir, name: str, timeout: float = TIMEOUT_S) -> list[dict]:
+  """Waits for processes started as name0, name1, ... (bounded), kills any still running; returns
+  each one's exit code, stdout and stderr."""
   try:
     for p in procs:
-      p.wait(timeout=TIMEOUT_S)
+      p.wait(timeout=timeout)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    kill(procs)
   results = []
   for i, p in enumerate(procs):
     read = lambda ext: open(os.path.join(log_dir, f"{name}{i}.{ext}")).read()
     results.append({"rc": p.returncode, "out": read("out"), "err": read("err")})
   return results
+
+
+def launch(args_per_process, devices: int, log_dir, name: str,
+           script: str = "train.py") -> list[dict]:
+  """Starts one script per argument list, waits for all (bounded), kills all if any fails or
+  runs over; returns each one's exit code, stdout and stderr."""
+  procs = [start(args, devices, log_dir, f"{name}{i}", script)
+           for i, args in enumerate(args_per_process)]
+  return finish(procs, log_dir, name)
 
 
 def distributed(n: int, port: int, *extra) -> list[list[str]]:
@@ -142,3 +164,154 @@ def test_distributed_flags_passed():
   assert cli.distributed_args(None, None, None) is None
   assert cli.distributed_args("10.0.0.1:1234", 4, 3) == {
       "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+
+
+# ---------------------------------------------- preemption and resume; sampling across processes
+
+# The preemption runs and the trained run the sampling tests read: 200 steps, a checkpoint every
+# 50; train.py's final grids (where the run gets to them) tiny.
+LONG = ["--config.train.steps=200", "--config.train.ckpt_every=50", "--config.sample.steps=10",
+        "--config.sample.num_per_class=4"]
+SAMPLE = ["--steps=10", "--num_per_class=4", "--guidance=cfg", "--scale=1,3", "--evaluate"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted 200-step run (1 process x 2 devices, which 2 processes x 1 device equal),
+  started at once so that it runs beside the first test that asks for it; calling the fixture's
+  value waits for it and returns its workdir, also the trained run the sampling tests read."""
+  logs = tmp_path_factory.mktemp("straight")
+  workdir = str(logs / "run")
+  proc = start([f"--workdir={workdir}", *LONG, "--nogrids"], 2, str(logs), "straight0")
+
+  def wait() -> str:
+    [result] = finish([proc], str(logs), "straight")
+    assert result["rc"] == 0, result["err"][-3000:]
+    return workdir
+  yield wait
+  kill([proc])
+
+
+def wait_until(condition, procs, timeout: float = TIMEOUT_S) -> None:
+  """Polls `condition` until it holds; fails (killing procs) if one of them exits first or time runs out."""
+  deadline = time.time() + timeout
+  while not condition():
+    if any(p.poll() is not None for p in procs) or time.time() > deadline:
+      kill(procs)
+      pytest.fail(f"gave up waiting: exit codes {[p.returncode for p in procs]}")
+    time.sleep(0.05)
+
+
+def complete_steps(workdir) -> list[int]:
+  """Checkpoints orbax has finalized (its unfinished saves carry a suffix)."""
+  directory = os.path.join(workdir, "checkpoints", "score")
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def logged_steps(workdir) -> list[int]:
+  return [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.cpu_exact
+def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactly(straight, tmp_path):
+  """One chain of the same 2-process command: a SIGTERM to process 1 mid-run stops both after the
+  same step (each saves its part of that checkpoint, both exit 0); then a SIGKILL of process 0 after
+  the next checkpoint (process 1 is stopped, bounded); then the command again ends equal to the
+  uninterrupted run, each step logged once."""
+  workdir, logs = str(tmp_path / "run"), str(tmp_path)
+  command = lambda: distributed(2, free_port(), f"--workdir={workdir}", *LONG)
+  procs = [start(args, 1, logs, f"term{i}") for i, args in enumerate(command())]
+  wait_until(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
+             last_logged_step(workdir) >= 10, procs)
+  # jax's notifier in process 1 looks for the signal once a second. Meanwhile process 0 is held
+  # (SIGSTOP), and without it no process can take a step: the stop comes within a few steps of
+  # the signal's, on a machine of any speed.
+  procs[0].send_signal(signal.SIGSTOP)
+  procs[1].send_signal(signal.SIGTERM)
+  time.sleep(1.5)
+  procs[0].send_signal(signal.SIGCONT)
+  runs = finish(procs, logs, "term")
+  for r in runs:
+    assert r["rc"] == 0 and "Traceback" not in r["err"], r["err"][-3000:]
+  stopped = int(re.search(r"saved at step (\d+)", runs[0]["err"])[1])
+  assert 10 < stopped < 200, stopped   # mid-run: after the signal's step, before the end
+  assert complete_steps(workdir)[-1] == stopped
+  shares = os.listdir(os.path.join(workdir, "checkpoints", "score", str(stopped), "default"))
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shares), shares   # both saved that step
+  assert logged_steps(workdir) == list(range(10, stopped + 1, 10))
+  assert quiet(runs[1]["out"]), runs[1]["out"]
+
+  procs = [start(args, 1, logs, f"kill{i}") for i, args in enumerate(command())]
+  following = (stopped // 50 + 1) * 50
+  wait_until(lambda: complete_steps(workdir)[-1] >= following, procs)
+  procs[0].kill()
+  procs[0].wait()
+  try:   # the survivor waits in its next collective (on a cluster the scheduler ends it): bounded
+    procs[1].wait(timeout=5)
+  except subprocess.TimeoutExpired:
+    kill(procs)
+  assert procs[0].returncode == -signal.SIGKILL
+  assert complete_steps(workdir)[-1] < 200
+
+  runs = launch(command(), 1, logs, "again")
+  for r in runs:
+    assert r["rc"] == 0, r["err"][-3000:]
+  (step_a, a), (step_b, b) = saved_tree(straight()), saved_tree(workdir)
+  assert step_a == step_b == 200
+  chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0)
+  assert logged_steps(workdir) == list(range(10, 201, 10))
+  # The final grids, sampled by both processes, written and reported by process 0 alone.
+  report = json.loads(runs[0]["out"][runs[0]["out"].index("{"):])
+  assert report["grids"]["cfg"]["files"][0] == os.path.join(workdir, "samples", "cfg", "samples.npz")
+  assert len(np.load(report["grids"]["cfg"]["files"][0])["image"]) == 16
+  assert quiet(runs[1]["out"]) and quiet(runs[1]["err"]), runs[1]
+
+
+def test_sample_two_processes_write_what_one_process_writes(straight, tmp_path):
+  """sample.py on 2 processes x 1 device: process 0 writes samples.npz equal to 1 process x 2
+  devices' (the same global mesh), the same files and report; process 1 writes and prints nothing
+  (its --out is its own here, so that anything it wrote would show)."""
+  workdir, logs = straight(), str(tmp_path)
+  one = start([f"--workdir={workdir}", f"--out={tmp_path / 'one'}", *SAMPLE], 2, logs, "one0",
+              script="sample.py")
+  outs = [tmp_path / "out0", tmp_path / "out1"]
+  runs = launch([args + [f"--out={outs[i]}"] for i, args in
+                 enumerate(distributed(2, free_port(), f"--workdir={workdir}", *SAMPLE))], 1, logs,
+                "sample", script="sample.py")
+  [single] = finish([one], logs, "one")
+  for r in runs + [single]:
+    assert r["rc"] == 0, r["err"][-3000:]
+  a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(outs[0] / "samples.npz")
+  assert sorted(a.files) == sorted(b.files) and len(a["image"]) == 32
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(outs[0]))
+  judged = lambda d: {k: v for k, v in json.loads((d / "report.json").read_text()).items()
+                      if k in ("report", "reference")}
+  assert judged(tmp_path / "one") == judged(outs[0])
+  assert json.loads(runs[0]["out"][runs[0]["out"].index("{"):])["samples"] == 32
+  assert not outs[1].exists()
+  assert quiet(runs[1]["out"]) and quiet(runs[1]["err"]), runs[1]
+
+
+def test_sample_refusals_write_nothing(straight, tmp_path):
+  """sample.py's bad distributed input: the flags half given (one process), and on 2 processes a
+  call of 3 samples that 2 devices cannot split. One line, exit 2, no --out, the workdir as it was."""
+  workdir, logs = straight(), str(tmp_path)
+  before = tree_hash(workdir)
+  half = start([f"--workdir={workdir}", f"--out={tmp_path / 'half'}", "--num_processes=2"], 1, logs,
+               "half0", script="sample.py")
+  runs = launch(distributed(2, free_port(), f"--workdir={workdir}", f"--out={tmp_path / 'odd'}",
+                            "--labels=0", "--num_per_class=3", "--steps=2"), 1, logs, "odd",
+                script="sample.py")
+  [single] = finish([half], logs, "half")
+  assert_one_line_error(result(single), "--coordinator_address, --process_id missing")
+  for r in runs:
+    assert_one_line_error(result(r), "--num_per_class=3")
+  assert "e.g. --num_per_class=4" in runs[0]["err"]
+  assert not (tmp_path / "half").exists() and not (tmp_path / "odd").exists()
+  assert tree_hash(workdir) == before
+
+
+def result(run: dict) -> subprocess.CompletedProcess:
+  return subprocess.CompletedProcess([], run["rc"], run["out"], run["err"])

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxguide.errors import ConfigError
-from jaxguide.parallel import DATA_AXIS, local_batch_mesh
+from jaxguide.parallel import DATA_AXIS, batch_mesh
 from jaxguide.score import EpsFn, LogProbFn, eps_to_x0, x0_to_eps
 from jaxguide.sde import VPSDE, broadcast_to_data
 
@@ -213,13 +213,13 @@ def _cfg(eps_fn: EpsFn, scale, null_label: ArrayLike, rescale, x, t, y) -> tuple
 
 def passes(eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
   """ε for each row of labels (k, B): ONE network call, vmapped over the k label sets (CFG's
-  [y, ∅], composition's [y₁, …, y_k, ∅]), split over the local devices. Returns (k, B, ...)."""
+  [y, ∅], composition's [y₁, …, y_k, ∅]), split over the devices. Returns (k, B, ...)."""
   return _per_device(lambda x, t, labels: jax.vmap(eps_fn, in_axes=(None, None, 0))(
       x, t, labels), x.shape[0])(x, t, labels)
 
 
 def _per_device(fn: Callable, batch: int) -> Callable:
-  """fn(x (B, ...), t (B,), labels (k, B)) -> (k, B, ...), run on each local device's slice of
+  """fn(x (B, ...), t (B,), labels (k, B)) -> (k, B, ...), run on each device's slice of
   the batch when there are several devices and they divide it (the samplers' data mesh).
 
   The vmap over the label axis merges it into the batch as the major part, (2, B) -> 2B, which
@@ -228,7 +228,7 @@ def _per_device(fn: Callable, batch: int) -> Callable:
   shard_map each device stacks only its own slice. The network's parameters, closed over, are
   replicated; the scales are applied outside, so per-sample scales need no special handling.
   """
-  mesh = local_batch_mesh(batch)
+  mesh = batch_mesh(batch)
   if mesh is None or mesh.devices.size == 1:
     return fn
   spec = P(DATA_AXIS)
