@@ -1,7 +1,8 @@
 """A text-conditioned workdir (configs/mnist_text.py) judged as the README reports it.
 
   python benchmarks/text_prompts.py --workdir runs/mnist_text --judge runs/judge \
-      --scales 1,1.5,2,3,4 --num_per_prompt 13 --negative 1,7 --negative_scales 1,2,3 \
+      --scales 1,1.5,2,3 --num_per_prompt 13 --splits held_out --negative 1,7 \
+      --negative_scales 1,2,3 --num_negative 300 \
       --json runs/mnist_text/text_eval.json --plot docs/images/text_sweep.png
 
 1. Held-out paraphrases: every caption of condition.held_out (templates never trained on) sampled
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
   p.add_argument("--negative", default="1,7", help="digits whose 'the digit d' is the negative prompt")
   p.add_argument("--negative_scales", default="1,2,3")
   p.add_argument("--num_negative", type=int, default=500)
+  p.add_argument("--splits", default="held_out,train", help="caption splits to judge")
   p.add_argument("--sampler")
   p.add_argument("--steps", type=int)
   p.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
   out = {"workdir": args.workdir, "sampler": req.sampler, "steps": req.steps,
          "num_per_prompt": args.num_per_prompt}
   start = time.perf_counter()
-  for split in ("held_out", "train"):
+  splits = [v for v in args.splits.split(",") if v]
+  for split in splits:
     keep = cap.split == split
     prompts, classes = [str(c) for c in cap.captions[keep]], cap.labels[keep]
     out[split], _ = accuracy_rows(run, judges, prompts, classes, scales, args.num_per_prompt,
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
     for split, style in (("held_out", "-o"), ("train", ":s")):
+      if split not in out:
+        continue
       xs = [r["scale"] for r in out[split]]
       for name in judges:
         a.plot(xs, [r[f"accuracy_{name}"] for r in out[split]], style,

@@ -123,9 +123,11 @@ def one_step_in_flight(mesh: Any) -> bool:
   several devices. There, two data-parallel steps in flight (jax's asynchronous dispatch) can
   leave a step's gradient all-reduce waiting for a device whose thread the next step holds: XLA
   then aborts the process after its 40-second rendezvous timeout ("Termination timeout for `all
-  reduce`"). Measured on the 2-core host with the quick evaluator's 36 ms steps: 5 aborts in 8
-  runs of 300 steps without the wait, none in 6 with it, at the same images/s within noise
-  (docs/benchmarks.md). Accelerators keep their asynchronous dispatch."""
+  reduce`"). Seen on the 2-core host with the quick evaluator's 36 ms steps, the fastest of its
+  models: without the wait 7 of 10 ad-hoc runs of 100-300 steps on the full MNIST aborted, and 1
+  of 5 runs of `benchmarks/cpu_dispatch.py`; with it none of 9, at 1,088 against 1,110 images/s
+  (medians of 5, within the runs' spread; docs/benchmarks.md). Accelerators keep their
+  asynchronous dispatch."""
   return enabled() and mesh.devices.size > 1
 
 
