@@ -10,6 +10,7 @@ orbax, the config through JSON.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging as logging_std
 import os
@@ -248,6 +249,15 @@ def atomic_write_text(path: str, text: str) -> None:
   with atomic_path(path) as tmp:
     with open(tmp, "w") as f:
       f.write(text)
+
+
+def atomic_write_npz(path: str, **arrays: np.ndarray) -> None:
+  """np.savez through a temporary file and a rename."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(buffer.getvalue())
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

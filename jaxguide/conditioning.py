@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import re
 from typing import Any, Optional, Sequence
@@ -171,12 +170,8 @@ def _read_cache(path: str) -> Optional[Captions]:
 
 
 def _write_cache(path: str, c: Captions) -> None:
-  buffer = io.BytesIO()
-  np.savez(buffer, captions=c.captions, labels=c.labels, split=c.split, embeddings=c.embeddings,
-           null=c.null, encoder=np.asarray(c.encoder))
-  with checkpoint.atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(buffer.getvalue())
+  checkpoint.atomic_write_npz(path, captions=c.captions, labels=c.labels, split=c.split,
+                              embeddings=c.embeddings, null=c.null, encoder=np.asarray(c.encoder))
 
 
 def load_encoder(config: ml_collections.ConfigDict) -> Any:

@@ -16,7 +16,6 @@ samples are written clipped to [−1, 1] unless `Request.raw` (sample.py --raw);
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -433,13 +432,7 @@ def prepare_out(out: str) -> str:
   return out
 
 
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-  """np.savez through a temporary file and a rename."""
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  with checkpoint.atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(buffer.getvalue())
+save_npz = checkpoint.atomic_write_npz   # np.savez through a temporary file and a rename
 
 
 def _row_labels(req: Request) -> list[str]:
