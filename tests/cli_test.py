@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,6 +24,14 @@ def tree_hash(path):
       with open(full, "rb") as f:
         h.update(f.read())
   return h.hexdigest()
+
+
+def run_concurrently(jobs, workers=2):
+  """{key: fn()} for {key: fn}, `workers` at a time. A script refusing bad input spends most of its
+  seconds in one core's Python imports, so on 2 cores two at once halve a table's wall time."""
+  with ThreadPoolExecutor(workers) as pool:
+    futures = {key: pool.submit(fn) for key, fn in jobs.items()}
+    return {key: f.result() for key, f in futures.items()}
 
 
 def assert_one_line_error(res, needle):
@@ -61,18 +70,31 @@ BAD_TRAIN = [
 ]
 
 
-@pytest.mark.parametrize("case,args,needle", BAD_TRAIN, ids=[c[0] for c in BAD_TRAIN])
-def test_bad_train_input(case, args, needle, tmp_path):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  (workdir / "notes.txt").write_text("a researcher's file")
-  before = tree_hash(str(workdir))
+@pytest.fixture(scope="module")
+def bad_train_results(tmp_path_factory):
+  """Every BAD_TRAIN command, each on its own workdir holding a researcher's file, two at a time:
+  {case: (workdir, its hash before, the finished process)}."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  cmd = [sys.executable, "train.py", "--config=configs/toy2d.py", f"--workdir={workdir}", *args]
-  if case in ("bad preset", "no config file"):
-    cmd = [sys.executable, "train.py", *args, f"--workdir={workdir}"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  base = tmp_path_factory.mktemp("bad_train")
+  workdirs, jobs = {}, {}
+  for i, (case, args, _) in enumerate(BAD_TRAIN):
+    workdir = base / f"case{i}" / "run"
+    workdir.mkdir(parents=True)
+    (workdir / "notes.txt").write_text("a researcher's file")
+    workdirs[case] = (workdir, tree_hash(str(workdir)))
+    cmd = [sys.executable, "train.py", "--config=configs/toy2d.py", f"--workdir={workdir}", *args]
+    if case in ("bad preset", "no config file"):
+      cmd = [sys.executable, "train.py", *args, f"--workdir={workdir}"]
+    jobs[case] = lambda cmd=cmd: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                                env=env, timeout=120)
+  done = run_concurrently(jobs)
+  return {case: (*workdirs[case], done[case]) for case in jobs}
+
+
+@pytest.mark.parametrize("case,args,needle", BAD_TRAIN, ids=[c[0] for c in BAD_TRAIN])
+def test_bad_train_input(case, args, needle, bad_train_results):
+  workdir, before, out = bad_train_results[case]
   assert_one_line_error(out, needle)
   assert tree_hash(str(workdir)) == before
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cli_test import assert_one_line_error, tree_hash
+from cli_test import assert_one_line_error, run_concurrently, tree_hash
 from jaxguide import conditioning, guidance, losses, nets, pipeline, sample_lib, train_lib
 from jaxguide.errors import ConfigError
 from jaxguide.sde import VPSDE
@@ -44,11 +44,13 @@ def test_one_hot_vectors_reduce_to_labels():
   c = jnp.where((y == K)[:, None], onehot.null, c)
   eps_l = lambda x, t, y: label.apply({"params": p_label}, x, t, y)
   eps_v = lambda x, t, c: vector.apply({"params": p_vector}, x, t, c)
-  chex.assert_trees_all_close(eps_v(x, t, c), eps_l(x, t, y), atol=1e-5)
-  # CFG on vectors with ∅ = the one-hot null vector is CFG on labels with ∅ = K.
+  chex.assert_trees_all_close(jax.jit(eps_v)(x, t, c), jax.jit(eps_l)(x, t, y), atol=1e-5)
+  # CFG on vectors with ∅ = the one-hot null vector is CFG on labels with ∅ = K (jitted with the
+  # scale traced: one compile each, where eager UNets took minutes on a slow host).
+  cfg_v = jax.jit(lambda s, x, t, c: guidance.classifier_free(eps_v, s, onehot.null)(x, t, c))
+  cfg_l = jax.jit(lambda s, x, t, y: guidance.classifier_free(eps_l, s, K)(x, t, y))
   for s in (0.0, 1.0, 3.0):
-    chex.assert_trees_all_close(guidance.classifier_free(eps_v, s, onehot.null)(x, t, c),
-                                guidance.classifier_free(eps_l, s, K)(x, t, y), atol=1e-5)
+    chex.assert_trees_all_close(cfg_v(s, x, t, c), cfg_l(s, x, t, y), atol=1e-5)
 
 
 def test_vector_cfg_one_call_and_endpoints():
@@ -262,12 +264,25 @@ BAD_TEXT = [
 ]
 
 
-@pytest.mark.parametrize("case,args,needle", BAD_TEXT, ids=[c[0] for c in BAD_TEXT])
-def test_bad_text_sample_input(case, args, needle, text_workdir, tmp_path):
+@pytest.fixture(scope="module")
+def bad_text_results(text_workdir, tmp_path_factory):
+  """Every BAD_TEXT command, two at a time: {case: (its --out, the finished process)}; the cases
+  share the text workdir read-only and each checks it after all have run."""
+  base = tmp_path_factory.mktemp("bad_text")
+  outs = {case: base / f"case{i}" / "out" for i, (case, _, _) in enumerate(BAD_TEXT)}
+  jobs = {case: lambda case=case, args=args: run_sample(f"--workdir={text_workdir}",
+                                                        f"--out={outs[case]}", *args)
+          for case, args, _ in BAD_TEXT}
   before = tree_hash(text_workdir)
-  res = run_sample(f"--workdir={text_workdir}", f"--out={tmp_path / 'out'}", *args)
+  done = run_concurrently(jobs)
+  return {case: (before, outs[case], done[case]) for case in jobs}
+
+
+@pytest.mark.parametrize("case,args,needle", BAD_TEXT, ids=[c[0] for c in BAD_TEXT])
+def test_bad_text_sample_input(case, args, needle, text_workdir, bad_text_results):
+  before, out, res = bad_text_results[case]
   assert_one_line_error(res, needle)
-  assert tree_hash(text_workdir) == before and not os.path.exists(tmp_path / "out")
+  assert tree_hash(text_workdir) == before and not os.path.exists(out)
 
 
 def test_library_refusals(text_workdir):

@@ -1,5 +1,6 @@
 """jaxguide.cpu: the CPU-only set-up applies on CPU hosts only, re-executes only launches that can
 be re-executed, leaves child processes alone, and both network code paths agree."""
+import functools
 import os
 import subprocess
 import sys
@@ -142,34 +143,39 @@ def test_force_selects_the_path_at_trace_time():
   assert cpu.enabled() == (jax.default_backend() == "cpu")
 
 
+@functools.cache   # one init for every test here (jitted: an eager UNet init is slow on the CPU)
 def small_unet():
   model = nets.UNet(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4,
                     attn_resolutions=(4,))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
   t, y = jnp.array([0.3, 0.8]), jnp.array([0, 3])
-  params = model.init(jax.random.PRNGKey(0), x, t, y)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x, t, y)["params"]
   return model, params, x, t, y
 
 
 @pytest.mark.parametrize("on_cpu_path", [True, False], ids=["cpu path", "plain path"])
 def test_forward_mode_through_networks(on_cpu_path):
-  """jax.jvp and jax.jacfwd through the UNet and the noisy classifier on both code paths agree
-  with reverse mode (a probability-flow likelihood's divergence needs forward mode)."""
+  """jax.jvp through the UNet and the noisy classifier on both code paths agrees with reverse
+  mode (a probability-flow likelihood's divergence needs forward mode)."""
   model, params, x, t, y = small_unet()
   clf = nets.NoisyClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
-  cparams = clf.init(jax.random.PRNGKey(2), x, t)["params"]
+  cparams = jax.jit(clf.init)(jax.random.PRNGKey(2), x, t)["params"]
   v = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  # Each transform jitted (traced inside the `force` context, which picks the path at trace time):
+  # eager op-by-op UNets took two minutes on a slow host.
   with cpu.force(on_cpu_path):
     eps = lambda x: model.apply({"params": params}, x, t, y)
     f = lambda x: jnp.sum(eps(x) * v)
-    _, jvp = jax.jvp(f, (x,), (v,))
-    grad = jax.grad(f)(x)
+    _, jvp = jax.jit(lambda x: jax.jvp(f, (x,), (v,)))(x)
+    grad = jax.jit(jax.grad(f))(x)
     chex.assert_trees_all_close(jvp, jnp.sum(grad * v), rtol=1e-4, atol=1e-5)
     logp = lambda x: jnp.sum(jax.nn.log_softmax(clf.apply({"params": cparams}, x, t))[:, 1])
-    fwd = jax.jacfwd(logp)(x)
-    chex.assert_trees_all_close(fwd, jax.grad(logp)(x), rtol=1e-4, atol=1e-5)
+    # Forward mode along a random direction (what a Hutchinson estimate takes; jacfwd's 128
+    # directions at once cost minutes to compile on the CPU path of a slow host).
+    _, fwd = jax.jit(lambda x: jax.jvp(logp, (x,), (v,)))(x)
+    chex.assert_trees_all_close(fwd, jnp.sum(jax.jit(jax.grad(logp))(x) * v), rtol=1e-4, atol=1e-5)
     # Hutchinson divergence estimate, the likelihood's inner step: forward over the network.
-    div = jnp.sum(jax.jvp(eps, (x,), (v,))[1] * v)
+    div = jax.jit(lambda x: jnp.sum(jax.jvp(eps, (x,), (v,))[1] * v))(x)
     assert jnp.isfinite(div)
 
 
@@ -181,7 +187,7 @@ def test_both_paths_give_the_same_network():
     with cpu.force(on):
       f = jax.jit(lambda p, x: model.apply({"params": p}, x, t, y))
       outs.append(f(params, x))
-      grads.append(jax.grad(lambda p, x: jnp.sum(f(p, x) ** 2), argnums=(0, 1))(params, x))
+      grads.append(jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) ** 2), argnums=(0, 1)))(params, x))
   chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 

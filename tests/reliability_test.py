@@ -14,7 +14,7 @@ import chex
 import jax
 import pytest
 
-from cli_test import assert_one_line_error, tree_hash
+from cli_test import assert_one_line_error, run_concurrently, tree_hash
 from jaxguide import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,23 +155,35 @@ CASES = [  # (script, damage, extra args, text the one line must contain)
 ]
 
 
-@pytest.mark.parametrize("script,damage,extra,needle", CASES,
-                         ids=[f"{c[0]}: {c[1]}" for c in CASES])
-def test_damaged_workdir(script, damage, extra, needle, trained, tmp_path):
-  workdir = str(tmp_path / "run")
-  shutil.copytree(trained[0], workdir)
-  DAMAGE[damage](workdir, trained[1])
-  before = tree_hash(workdir)
-  if script == "train":
-    cmd = train_cmd(workdir, "--config.train.steps=60", "--config.train.ckpt_every=20",
-                    "--config.train.log_every=20", *extra)
-  else:
-    cmd = [sys.executable, "sample.py", f"--workdir={workdir}", f"--out={tmp_path / 'out'}",
-           *SAMPLE_ARGS, *extra]
-  res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+@pytest.fixture(scope="module")
+def damaged_results(trained, tmp_path_factory):
+  """Every CASES command on its own damaged copy of the trained workdir, two at a time:
+  {case index: (workdir, its hash before, its --out, the finished process)}."""
+  base = tmp_path_factory.mktemp("damaged")
+  prepared, jobs = {}, {}
+  for i, (script, damage, extra, _) in enumerate(CASES):
+    workdir, out = str(base / f"case{i}" / "run"), base / f"case{i}" / "out"
+    shutil.copytree(trained[0], workdir)
+    DAMAGE[damage](workdir, trained[1])
+    prepared[i] = (workdir, tree_hash(workdir), out)
+    if script == "train":
+      cmd = train_cmd(workdir, "--config.train.steps=60", "--config.train.ckpt_every=20",
+                      "--config.train.log_every=20", *extra)
+    else:
+      cmd = [sys.executable, "sample.py", f"--workdir={workdir}", f"--out={out}", *SAMPLE_ARGS, *extra]
+    jobs[i] = lambda cmd=cmd: subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                             timeout=180)
+  done = run_concurrently(jobs)
+  return {i: (*prepared[i], done[i]) for i in jobs}
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}: {c[1]}" for c in CASES])
+def test_damaged_workdir(index, damaged_results):
+  needle = CASES[index][3]
+  workdir, before, out, res = damaged_results[index]
   assert_one_line_error(res, needle)
   assert tree_hash(workdir) == before
-  assert not os.path.exists(tmp_path / "out")
+  assert not os.path.exists(out)
 
 
 def test_read_only_checkpointer_changes_nothing(trained, tmp_path):

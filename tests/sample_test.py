@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cli_test import assert_one_line_error, copy_without, tree_hash
+from cli_test import assert_one_line_error, copy_without, run_concurrently, tree_hash
 from diagnose_test import _untrained_workdir
 from jaxguide import evaluate, pipeline, sample_lib, samplers, train_lib
 from jaxguide.errors import ConfigError
@@ -218,11 +218,24 @@ BAD_SAMPLE = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_sample_results(toy_workdir, tmp_path_factory):
+  """Every BAD_SAMPLE command, two at a time: {case: (workdir, its hash before, the process)}.
+  The cases share the trained workdir read-only; each checks it after all have run."""
+  base = tmp_path_factory.mktemp("bad_sample")
+  workdirs, jobs = {}, {}
+  for i, (case, make, args, _) in enumerate(BAD_SAMPLE):
+    (base / f"case{i}").mkdir()
+    workdir = make(toy_workdir, base / f"case{i}") if make else toy_workdir
+    workdirs[case] = (workdir, tree_hash(workdir))
+    jobs[case] = lambda workdir=workdir, args=args: run_sample(f"--workdir={workdir}", *args)
+  done = run_concurrently(jobs)
+  return {case: (*workdirs[case], done[case]) for case in jobs}
+
+
 @pytest.mark.parametrize("case,make,args,needle", BAD_SAMPLE, ids=[c[0] for c in BAD_SAMPLE])
-def test_bad_sample_input(case, make, args, needle, toy_workdir, tmp_path):
-  workdir = make(toy_workdir, tmp_path) if make else toy_workdir
-  before = tree_hash(workdir)
-  res = run_sample(f"--workdir={workdir}", *args)
+def test_bad_sample_input(case, make, args, needle, bad_sample_results):
+  workdir, before, res = bad_sample_results[case]
   assert_one_line_error(res, needle)
   assert tree_hash(workdir) == before
 
