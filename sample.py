@@ -79,7 +79,8 @@ flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = o
                    "config's sample.clip_x0 (1 for image presets, 0 for toy2d).")
 flags.DEFINE_bool("raw", False, "Write image samples as sampled: not clipped to [-1, 1].")
 flags.DEFINE_float("rescale", 0.0, "CFG rescale φ in [0, 1].")
-flags.DEFINE_string("interval", None, "Guide only for t in 'lo,hi'.")
+flags.DEFINE_string("interval", None, "Guide only for t in 'lo,hi' (default: the config's "
+                    "sample.interval; 0,1 guides at every t).")
 flags.DEFINE_string("schedule", None, "Every scale as a function of t: constant | linear | cosine "
                     "(guidance.schedule: the same guidance on average, none at t = 1).")
 flags.DEFINE_integer("negative", None, "--guidance negative: the label to guide away from "

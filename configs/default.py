@@ -7,6 +7,7 @@ Per-model `train` blocks override `config.train`; their step counts are FieldRef
 `--config.classifier.train.steps=M` sets one alone.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -63,9 +64,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # linear | logsnr; clip_x0: clip x̂₀ to [-c, c] at every step (0 = off), on for [-1, 1] images;
   # guide_conditional: classifier guidance walks ε(x, t, y) (True) or ε(x, t, ∅) (False, the
   # reference tutorial's unconditional model); dtype: the networks' compute dtype when sampling,
-  # float32 whatever train.dtype is (bfloat16 to choose mixed precision there too).
+  # float32 whatever train.dtype is (bfloat16 to choose mixed precision there too); interval:
+  # (lo, hi) to guide only for t in [lo, hi] (Kynkäänniemi et al. 2024; every kind that takes
+  # an interval, CFG++ does not), None to guide at every t; sample.py's --interval overrides it.
   c.sample = ml_collections.ConfigDict({
       "sampler": "ddim", "steps": 100, "spacing": "linear", "clip_x0": 1.0, "cfg_scale": 3.0,
       "clf_scale": 8.0, "cfgpp_scale": 0.6, "num_per_class": 8, "guide_conditional": False,
-      "dtype": "float32"})
+      "interval": config_dict.placeholder(tuple), "dtype": "float32"})
   return c

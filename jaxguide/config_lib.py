@@ -86,6 +86,21 @@ def _validate_train(tc: ml_collections.ConfigDict, prefix: str) -> None:
   _check(tc.dtype in DTYPES, f"{prefix}.dtype", tc.dtype, f"use one of {sorted(DTYPES)}")
 
 
+def parse_interval(value: Any) -> tuple[float, float] | None:
+  """A guidance interval (lo, hi) as floats with 0 <= lo < hi <= 1, or None if `value` is not one."""
+  if isinstance(value, str):
+    return None
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError):
+    return None
+  ok = math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0
+  return (lo, hi) if ok else None
+
+
+INTERVAL_FIX = "give (lo, hi) with 0 <= lo < hi <= 1, e.g. '(0.2, 0.7)', or None to guide at every t"
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field train_and_evaluate uses; raises ConfigError on the first bad one."""
   _check(_is_int(config.seed), "seed", config.seed, "must be an integer")
@@ -95,6 +110,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          config.train.num_devices, "must be 0 (all local devices) or a positive integer")
   sample_dtype = config.sample.get("dtype", "float32") if "sample" in config else "float32"
   _check(sample_dtype in DTYPES, "sample.dtype", sample_dtype, f"use one of {sorted(DTYPES)}")
+  interval = config.sample.get("interval", None) if "sample" in config else None
+  _check(interval is None or parse_interval(interval) is not None, "sample.interval", interval,
+         INTERVAL_FIX)
   for name in model_names(config):
     _validate_train(model_train_config(config, name), f"{name}.train")
     arch = config[name].model.arch

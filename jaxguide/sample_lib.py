@@ -24,8 +24,8 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxguide import (checkpoint, conditioning, evaluate, guidance, parallel, pipeline, plotting,
-                      samplers)
+from jaxguide import (checkpoint, conditioning, config_lib, evaluate, guidance, parallel, pipeline,
+                      plotting, samplers)
 from jaxguide.errors import ConfigError
 from jaxguide.sde import SPACINGS
 
@@ -276,8 +276,9 @@ def _check_family(req: "Request", run: pipeline.Run) -> None:
 
 def config_options(run: pipeline.Run, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """`options` (sampler and guidance options from the flags) with the config's sample.spacing,
-  sample.clip_x0 and sample.guide_conditional filled in where the flags left them open;
-  clip_x0 = 0 and guide_conditional = False are dropped (the defaults downstream).
+  sample.clip_x0, sample.guide_conditional and sample.interval filled in where the flags left
+  them open; clip_x0 = 0, guide_conditional = False and interval = None (guide at every t) are
+  dropped (the defaults downstream).
 
   A workdir saved before these fields existed samples on the linear grid and clips x̂₀ to [−1, 1]
   for image data, not for toy data: the presets' defaults."""
@@ -299,7 +300,20 @@ def config_options(run: pipeline.Run, options: Optional[dict[str, Any]] = None) 
                       "be true or false: pass --guide_conditional or --noguide_conditional")
   if conditional:
     out["guide_conditional"] = True
+  if "interval" not in out and cfg.get("interval") is not None:
+    out["interval"] = _config_interval(cfg.interval, run.workdir)
+  if tuple(out.get("interval", ())) == (0.0, 1.0):   # every t: the same as no interval
+    del out["interval"]
   return out
+
+
+def _config_interval(value: Any, workdir: str) -> tuple[float, float]:
+  """sample.interval from a workdir's config, checked as train.py checks it (config_lib)."""
+  interval = config_lib.parse_interval(value)
+  if interval is None:
+    raise ConfigError(f"sample.interval={value!r} in {workdir}/config.json: "
+                      f"{config_lib.INTERVAL_FIX} (or pass --interval lo,hi)")
+  return interval
 
 
 def complete_request(req: Request, run: pipeline.Run) -> Request:

@@ -62,6 +62,7 @@ BAD_TRAIN = [
     ("unknown flag", ["--sampler=foo"], "sampler"),
     ("bad dtype", ["--config.train.dtype=float8"], "dtype"),
     ("bad sample dtype", ["--config.sample.dtype=float16"], "sample.dtype"),
+    ("bad interval", ["--config.sample.interval=(0.7, 0.2)"], "sample.interval"),
     ("unknown field", ["--config.train.stepz=3"], "steps"),
     ("bad value", ["--config.train.steps=abc"], "train.steps"),
     ("no config file", ["--config=configs/nothere.py"], "nothere.py"),

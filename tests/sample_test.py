@@ -278,6 +278,17 @@ def test_config_sampling_defaults(toy_workdir, image_workdir):
   assert complete(conditional, guide_conditional=False).options == {}
   with pytest.raises(ConfigError, match="sample.guide_conditional"):
     complete(with_sample(toy, guide_conditional=1))
+  # the guidance interval: the config's sample.interval (a JSON list) unless --interval says
+  # otherwise; 0,1 is every t, the same as none, and is dropped
+  assert "interval" not in complete(image).options
+  banded = with_sample(image, interval=[0.2, 0.7])
+  assert complete(banded).options["interval"] == (0.2, 0.7)
+  assert complete(banded, interval="0.1,0.9").options["interval"] == (0.1, 0.9)
+  assert "interval" not in complete(banded, interval="0,1").options
+  assert "interval" not in complete(image, interval="0,1").options
+  for bad in ([0.7, 0.2], [0.2], "0.2,0.7", [0.0, 1.5], [float("nan"), 0.5]):
+    with pytest.raises(ConfigError, match=r"sample.interval=.*0 <= lo < hi <= 1"):
+      complete(with_sample(image, interval=bad))
 
 
 def test_generate_stops_at_the_score_t_eps(image_workdir):
