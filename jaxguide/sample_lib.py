@@ -157,9 +157,9 @@ def request_from_flags(flags_: Any) -> Request:
     options["rescale"] = float(flags_.rescale)
   interval = _numbers(flags_.interval, "interval", example="0.1,0.9")
   if interval is not None:
-    if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
+    options["interval"] = config_lib.parse_interval(interval)
+    if options["interval"] is None:
       raise ConfigError(f"--interval={flags_.interval!r}: give 'lo,hi' with 0 <= lo < hi <= 1")
-    options["interval"] = tuple(interval)
   options.update(_family_options(flags_))
   if flags_.sampler is not None and flags_.sampler not in samplers.SAMPLERS:
     raise ConfigError(f"--sampler={flags_.sampler!r} is not known: use one of {', '.join(samplers.SAMPLERS)}")
