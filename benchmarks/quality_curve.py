@@ -4,7 +4,11 @@
       [--baseline 11.8=runs/old/quality.json] --out docs/images/quality_curve.png
 
 Each point is MINUTES=FILE: the train.py wall time of the run and its quality.py result; read with
-the run's own evaluator. s = 1 is the `none` row (the conditional network alone).
+the run's own evaluator. s = 1 is the `none` row (the conditional network alone); the best CFG
+scale is the most accurate one measured (the lowest of a tie). --baseline also takes
+MINUTES=ACC_S1,BEST_ACC,FD_RATIO, the three numbers of a run whose JSON is not kept (e.g. a
+row of docs/quality.md's study). The FD panel also shows the FD at the lowest CFG scale that
+reaches 98 % (the issue's accuracy target) and marks its FD targets, 2x and 3x the floor.
 """
 from __future__ import annotations
 
@@ -20,13 +24,24 @@ from jaxguide import plotting  # noqa: E402
 
 def point(entry: str) -> dict:
   minutes, _, path = entry.partition("=")
+  if not os.path.exists(path) and path.count(",") == 2:
+    try:
+      acc_s1, best_acc, fd_ratio = (float(v) for v in path.split(","))
+    except ValueError:
+      print(f"quality_curve.py: {entry!r}: give MINUTES=FILE or MINUTES=ACC_S1,BEST_ACC,FD_RATIO",
+            file=sys.stderr)
+      sys.exit(2)
+    return {"minutes": float(minutes), "acc_s1": acc_s1, "best_acc": best_acc, "fd_ratio": fd_ratio}
   with open(path) as f:
     result = json.load(f)["evaluator"]
   rows = result["rows"]
   s1 = next(r for r in rows if r["guidance"] == "none")
   cfg = max((r for r in rows if r["guidance"] == "cfg"), key=lambda r: r["accuracy"])
+  at_98 = [r for r in rows if r["guidance"] == "cfg" and r["accuracy"] >= 0.98]
+  first_98 = min(at_98, key=lambda r: r["scale"]) if at_98 else None
   return {"minutes": float(minutes), "acc_s1": s1["accuracy"], "best_acc": cfg["accuracy"],
-          "fd_ratio": cfg["frechet_distance"] / result["floor"]}
+          "fd_ratio": cfg["frechet_distance"] / result["floor"],
+          "fd_ratio_98": first_98["frechet_distance"] / result["floor"] if first_98 else None}
 
 
 def main() -> None:
@@ -34,10 +49,11 @@ def main() -> None:
   p.add_argument("--point", action="append", required=True)
   p.add_argument("--baseline", default=None)
   p.add_argument("--out", required=True)
+  p.add_argument("--title", default="mnist:quick recipe on the 2-core CPU")
   args = p.parse_args()
   points = [point(e) for e in args.point]
   plotting.save_quality_curve(points, args.out, baseline=point(args.baseline) if args.baseline else None,
-                              title="mnist:quick recipe on the 2-core CPU")
+                              title=args.title, fd_targets=(2.0, 3.0))
   print(json.dumps(points))
 
 

@@ -123,10 +123,12 @@ def save_sweep(rows: Sequence[dict], path: str, *, floor: Optional[float] = None
 
 
 def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[dict] = None,
-                       title: str = "") -> None:
+                       title: str = "", fd_targets: Sequence[float] = ()) -> None:
   """Quality against compute, one point per run: `points` (and the optional `baseline`, drawn
   apart) are dicts with minutes, acc_s1 (the conditional network alone), best_acc (the best
-  guided scale) and fd_ratio (Fréchet distance ÷ its floor at that scale)."""
+  guided scale) and fd_ratio (Fréchet distance ÷ its floor at that scale), optionally
+  fd_ratio_98 (the ratio at the lowest scale reaching 98 %); `fd_targets` are FD ratios drawn
+  as dashed lines."""
   plt = _pyplot()
   fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
   pts = sorted(points, key=lambda p: p["minutes"])
@@ -134,13 +136,24 @@ def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[
   ax_acc.plot(mins, [p["acc_s1"] for p in pts], marker="o", label="s = 1 (no guidance)")
   ax_acc.plot(mins, [p["best_acc"] for p in pts], marker="s", label="best CFG scale")
   ax_fd.plot(mins, [p["fd_ratio"] for p in pts], marker="s", label="at the best CFG scale")
+  at_98 = [(p["minutes"], p["fd_ratio_98"]) for p in pts if p.get("fd_ratio_98") is not None]
+  if at_98:
+    ax_fd.plot(*zip(*at_98), marker="^", label="at the lowest CFG scale with ≥ 98 %")
   if baseline is not None:
     ax_acc.plot([baseline["minutes"]] * 2, [baseline["acc_s1"], baseline["best_acc"]], "x",
                 color="0.3", ms=9, label="previous recipe (s = 1, best)")
     ax_fd.plot([baseline["minutes"]], [baseline["fd_ratio"]], "x", color="0.3", ms=9,
                label="previous recipe")
+  for target in fd_targets:
+    ax_fd.axhline(target, color="0.5", ls="--", lw=0.8)
+    ax_fd.annotate(f"{target:g}×", (1.0, target), xycoords=("axes fraction", "data"), fontsize=7,
+                   color="0.4", ha="right", va="bottom")
   ax_acc.set(ylim=(0.0, 1.02), ylabel="accuracy of requested label", xlabel="minutes (train.py wall)")
   ax_fd.set(yscale="log", ylabel="Fréchet distance ÷ floor", xlabel="minutes (train.py wall)")
+  from matplotlib.ticker import FuncFormatter
+  for axis in (ax_fd.yaxis,):
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if round(v) in (2, 3, 5) else ""))
   for ax in (ax_acc, ax_fd):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

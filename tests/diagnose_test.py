@@ -151,6 +151,31 @@ def test_image_figures_open(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["c.png", "g.png"]   # no temporary files left
 
 
+def test_quality_curve_reads_the_best_and_the_98_percent_scale(tmp_path):
+  """benchmarks/quality_curve.py: the best CFG scale is the most accurate (the lowest of a tie),
+  the 98 % point the lowest scale reaching 98 %; a baseline's numbers may be given directly."""
+  def row(scale, acc, fd, kind="cfg"):
+    return {"guidance": kind, "scale": scale, "accuracy": acc, "frechet_distance": fd}
+  result = {"evaluator": {"floor": 10.0, "rows": [
+      row(1, 0.9, 20.0, "none"), row(1.5, 0.97, 15.0), row(2, 0.985, 25.0), row(3, 1.0, 40.0),
+      row(4, 1.0, 60.0), row(4, 0.5, 1.0, "classifier")]}}
+  path = tmp_path / "q.json"
+  path.write_text(json.dumps(result))
+  out = subprocess.run([sys.executable, "benchmarks/quality_curve.py", "--point", f"15={path}",
+                        "--baseline", "11.8=0.392,0.78,10.1", "--out", str(tmp_path / "curve.png")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert out.returncode == 0, out.stderr
+  (pt,) = json.loads(out.stdout)
+  assert pt == {"minutes": 15.0, "acc_s1": 0.9, "best_acc": 1.0, "fd_ratio": 4.0, "fd_ratio_98": 2.5}
+  fmt, (w, h) = _png_size(tmp_path / "curve.png")
+  assert fmt == "PNG" and w > 400 and h > 200
+  bad = subprocess.run([sys.executable, "benchmarks/quality_curve.py", "--point", f"15={path}",
+                        "--baseline", "11.8=0.3,x,1", "--out", str(tmp_path / "c2.png")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert bad.returncode == 2 and "MINUTES=ACC_S1,BEST_ACC,FD_RATIO" in bad.stderr
+  assert sorted(os.listdir(tmp_path)) == ["curve.png", "q.json"]   # no figure for a bad baseline
+
+
 def run_diagnose(*args, timeout=240):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   return subprocess.run([sys.executable, "diagnose.py", *args], cwd=ROOT, capture_output=True,
