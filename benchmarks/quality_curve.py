@@ -36,8 +36,9 @@ def point(entry: str) -> dict:
     result = json.load(f)["evaluator"]
   rows = result["rows"]
   s1 = next(r for r in rows if r["guidance"] == "none")
-  cfg = max((r for r in rows if r["guidance"] == "cfg"), key=lambda r: r["accuracy"])
-  at_98 = [r for r in rows if r["guidance"] == "cfg" and r["accuracy"] >= 0.98]
+  cfg_rows = [r for r in rows if r["guidance"] == "cfg"]
+  cfg = max(cfg_rows, key=lambda r: r["accuracy"])
+  at_98 = [r for r in cfg_rows if r["accuracy"] >= 0.98]
   first_98 = min(at_98, key=lambda r: r["scale"]) if at_98 else None
   return {"minutes": float(minutes), "acc_s1": s1["accuracy"], "best_acc": cfg["accuracy"],
           "fd_ratio": cfg["frechet_distance"] / result["floor"],

@@ -151,9 +151,8 @@ def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[
   ax_acc.set(ylim=(0.0, 1.02), ylabel="accuracy of requested label", xlabel="minutes (train.py wall)")
   ax_fd.set(yscale="log", ylabel="Fréchet distance ÷ floor", xlabel="minutes (train.py wall)")
   from matplotlib.ticker import FuncFormatter
-  for axis in (ax_fd.yaxis,):
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if round(v) in (2, 3, 5) else ""))
+  ax_fd.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+  ax_fd.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if round(v) in (2, 3, 5) else ""))
   for ax in (ax_acc, ax_fd):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
