@@ -32,7 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/mnist_text.py:{arg}: unknown preset: use configs/mnist_text.py")
   c = mnist.get_config("quick")
   c.models = "score,evaluator"
-  # The learning rate this preset's README results were measured at; the label preset's 3e-3
+  # The learning rate this preset's README results were measured at; the label preset's 7e-3
   # (docs/quality.md) is not yet measured with text conditions.
   c.train.lr = 1e-3
   c.condition = ml_collections.ConfigDict({
