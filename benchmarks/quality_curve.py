@@ -4,7 +4,8 @@
       [--baseline 11.8=runs/old/quality.json] --out docs/images/quality_curve.png
 
 Each point is MINUTES=FILE: the train.py wall time of the run and its quality.py result; read with
-the run's own evaluator. s = 1 is the `none` row (the conditional network alone); the best CFG
+the run's own evaluator, or with --judge judge2 (quality.py's --judge) so that runs whose own
+evaluators differ are read by one yardstick. s = 1 is the `none` row (the conditional network alone); the best CFG
 scale is the most accurate one measured (the lowest of a tie). --baseline also takes
 MINUTES=ACC_S1,BEST_ACC,FD_RATIO, the three numbers of a run whose JSON is not kept (e.g. a
 row of docs/quality.md's study). The FD panel also shows the FD at the lowest CFG scale that
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxguide import plotting  # noqa: E402
 
 
-def point(entry: str) -> dict:
+def point(entry: str, judge: str = "evaluator") -> dict:
   minutes, _, path = entry.partition("=")
   if not os.path.exists(path) and path.count(",") == 2:
     try:
@@ -33,7 +34,13 @@ def point(entry: str) -> dict:
       sys.exit(2)
     return {"minutes": float(minutes), "acc_s1": acc_s1, "best_acc": best_acc, "fd_ratio": fd_ratio}
   with open(path) as f:
-    result = json.load(f)["evaluator"]
+    data = json.load(f)
+  if judge not in data:
+    print(f"quality_curve.py: {path} has no {judge!r} result (it has: "
+          f"{', '.join(k for k in data if isinstance(data[k], dict) and 'rows' in data[k])}); "
+          f"pass --judge with one of those, or run quality.py with --judge", file=sys.stderr)
+    sys.exit(2)
+  result = data[judge]
   rows = result["rows"]
   s1 = next(r for r in rows if r["guidance"] == "none")
   cfg_rows = [r for r in rows if r["guidance"] == "cfg"]
@@ -51,9 +58,12 @@ def main() -> None:
   p.add_argument("--baseline", default=None)
   p.add_argument("--out", required=True)
   p.add_argument("--title", default="mnist:quick recipe on the 2-core CPU")
+  p.add_argument("--judge", default="evaluator",
+                 help="whose reading of each file: evaluator (the run's own) or judge2")
   args = p.parse_args()
-  points = [point(e) for e in args.point]
-  plotting.save_quality_curve(points, args.out, baseline=point(args.baseline) if args.baseline else None,
+  points = [point(e, args.judge) for e in args.point]
+  baseline = point(args.baseline, args.judge) if args.baseline else None
+  plotting.save_quality_curve(points, args.out, baseline=baseline,
                               title=args.title, fd_targets=(2.0, 3.0))
   print(json.dumps(points))
 

@@ -174,6 +174,19 @@ def test_quality_curve_reads_the_best_and_the_98_percent_scale(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert bad.returncode == 2 and "MINUTES=ACC_S1,BEST_ACC,FD_RATIO" in bad.stderr
   assert sorted(os.listdir(tmp_path)) == ["curve.png", "q.json"]   # no figure for a bad baseline
+  result["judge2"] = {"floor": 20.0, "rows": result["evaluator"]["rows"][:3]}
+  path.write_text(json.dumps(result))
+  out = subprocess.run([sys.executable, "benchmarks/quality_curve.py", "--point", f"15={path}",
+                        "--judge", "judge2", "--out", str(tmp_path / "c3.png")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert out.returncode == 0, out.stderr
+  (pt,) = json.loads(out.stdout)   # judge2's own rows and floor: its best scale is s = 2
+  assert pt == {"minutes": 15.0, "acc_s1": 0.9, "best_acc": 0.985, "fd_ratio": 1.25, "fd_ratio_98": 1.25}
+  missing = subprocess.run([sys.executable, "benchmarks/quality_curve.py", "--point", f"15={path}",
+                            "--judge", "judge3", "--out", str(tmp_path / "c4.png")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert missing.returncode == 2 and "'judge3'" in missing.stderr and "judge2" in missing.stderr
+  assert not (tmp_path / "c4.png").exists()
 
 
 def run_diagnose(*args, timeout=240):
