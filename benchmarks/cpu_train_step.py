@@ -1,10 +1,11 @@
 """Training-step throughput of the mnist:quick models on this host, for 1, 2 and 4 XLA CPU devices.
 
   python benchmarks/cpu_train_step.py [--models score,classifier,evaluator] [--devices 1,2,4]
+                                      [--batches 64,128,256]
 
 Each configuration runs in a fresh process (the device count is fixed when XLA starts): one
-compiled `train_lib.make_train_step` over the `data` mesh, batch 64 of mnist5k, median of 12 steps
-after a warm-up step. Prints one line per configuration and a table at the end.
+compiled `train_lib.make_train_step` over the `data` mesh, a batch of mnist5k (64 unless
+`--batches` lists others), median of 12 steps after a warm-up step. Prints one line per configuration and a table at the end.
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ import jax, numpy as np
 sys.path.insert(0, ROOT)
 from configs import mnist
 from jaxguide import config_lib, data, parallel, train_lib
-name, n_dev = sys.argv[1], jax.device_count()
+name, bs, n_dev = sys.argv[1], int(sys.argv[2]), jax.device_count()
 c = mnist.get_config("quick")
 ds = data.load("mnist5k")
 spec = config_lib.model_spec(name, c, ds)
@@ -32,7 +33,7 @@ state = train_lib.create_train_state(jax.random.PRNGKey(0), spec.model, spec.ini
                                      train_lib.make_optimizer(tc), 0.99)
 state = parallel.replicate(state, mesh)
 step = train_lib.make_train_step(spec.loss_fn, mesh)
-batch = parallel.shard_batch(data.batch_at(ds, 0, 64, 0), mesh)
+batch = parallel.shard_batch(data.batch_at(ds, 0, bs, 0), mesh)
 t0 = time.perf_counter()
 state, m = step(state, batch); jax.block_until_ready(m)
 compile_s = time.perf_counter() - t0
@@ -41,7 +42,7 @@ for _ in range(12):
   t0 = time.perf_counter(); state, m = step(state, batch); jax.block_until_ready(m)
   times.append(time.perf_counter() - t0)
 med = float(np.median(times))
-print(json.dumps({"model": name, "devices": n_dev, "step_ms": 1000 * med, "images_per_s": 64 / med,
+print(json.dumps({"model": name, "devices": n_dev, "batch": bs, "step_ms": 1000 * med, "images_per_s": bs / med,
                   "first_step_s": compile_s}))
 """
 
@@ -51,20 +52,21 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", default="score,classifier,evaluator")
   parser.add_argument("--devices", default="1,2,4")
+  parser.add_argument("--batches", default="64", help="comma-separated global batch sizes")
   args = parser.parse_args()
   rows = []
   for name in args.models.split(","):
-    for n in [int(d) for d in args.devices.split(",")]:
+    for n, bs in [(int(d), int(b)) for d in args.devices.split(",") for b in args.batches.split(",")]:
       env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
              "JAX_PLATFORMS": "cpu"}
-      out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), name],
+      out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), name, str(bs)],
                            capture_output=True, text=True, env=env, check=True)
       row = json.loads(out.stdout.strip().splitlines()[-1])
       print(json.dumps(row), flush=True)
       rows.append(row)
-  print(f"\n{'model':<11}{'devices':>8}{'step ms':>10}{'images/s':>10}{'first step s':>14}")
+  print(f"\n{'model':<11}{'devices':>8}{'batch':>7}{'step ms':>10}{'images/s':>10}{'first step s':>14}")
   for r in rows:
-    print(f"{r['model']:<11}{r['devices']:>8}{r['step_ms']:>10.0f}{r['images_per_s']:>10.0f}"
+    print(f"{r['model']:<11}{r['devices']:>8}{r['batch']:>7}{r['step_ms']:>10.0f}{r['images_per_s']:>10.0f}"
           f"{r['first_step_s']:>14.1f}")
 
 
