@@ -62,6 +62,46 @@ def summarise(rows: list[dict], floor: float) -> dict[str, dict]:
   return out
 
 
+def misclassified(samples: list, predictions: dict[str, list[np.ndarray]]) -> list[dict]:
+  """Per kind and scale, the samples that at least one judge reads as another class: their index
+  in the kind's batch, the requested label and each judge's reading."""
+  out = []
+  for g, group in enumerate(samples):
+    for scale, block in group.blocks():
+      labels = group.labels[block]
+      read = {name: np.asarray(pred[g])[block] for name, pred in predictions.items()}
+      wrong = np.flatnonzero(np.any([r != labels for r in read.values()], axis=0))
+      out.append({"guidance": group.kind, "scale": scale, "samples": [
+          {"index": int(block.start + i), "requested": int(labels[i]),
+           **{name: int(r[i]) for name, r in read.items()}} for i in wrong]})
+  return out
+
+
+def save_errors(samples: list, errors: list[dict], path: str, max_per_row: int = 12) -> None:
+  """The misclassified samples as one figure: a row per kind and scale (at most max_per_row
+  tiles, the row's count in its label), each tile titled requested -> the judges' readings."""
+  plt = plotting._pyplot()
+  groups = {group.kind: group for group in samples}
+  rows = len(errors)
+  fig, axes = plt.subplots(rows, max_per_row, figsize=(0.9 * max_per_row + 1.2, 1.05 * rows + 0.3),
+                           squeeze=False)
+  for r, point in enumerate(errors):
+    group = groups[point["guidance"]]
+    axes[r, 0].set_ylabel(f"{point['guidance']} {point['scale']:g}\n{len(point['samples'])} wrong",
+                          fontsize=7)
+    for k in range(max_per_row):
+      ax = axes[r, k]
+      ax.set_xticks([]); ax.set_yticks([])
+      for side in ax.spines.values():
+        side.set_visible(False)
+      if k < len(point["samples"]):
+        e = point["samples"][k]
+        plotting._show_image(ax, group.images[e["index"]])
+        reads = "/".join(str(v) for name, v in e.items() if name not in ("index", "requested"))
+        ax.set_title(f"{e['requested']}→{reads}", fontsize=7)
+  plotting._save_figure(fig, path)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
@@ -77,6 +117,9 @@ def main() -> None:
   p.add_argument("--json", default=None)
   p.add_argument("--frontier", default=None, help="PNG: FD ÷ floor against accuracy, a line per kind "
                  "(the first judge's)")
+  p.add_argument("--errors", default=None,
+                 help="PNG: every sample a judge puts in another class, a row per kind and scale, each "
+                      "titled requested -> what each judge read (also listed in --json under 'errors')")
   p.add_argument("--option", action="append", default=[],
                  help="NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS), e.g. norm_threshold=15")
   args = p.parse_args()
@@ -105,7 +148,9 @@ def main() -> None:
   sample_s = time.perf_counter() - start
   result = {"workdir": args.workdir, "options": opts, "num_per_class": args.num_per_class,
             "sample_s": sample_s}
+  predictions = {}
   for name, judge in judges.items():
+    predictions[name] = [judge.predict(group.images)[0] for group in samples]
     rows, ref = evaluate.measure(judge, samples)
     result[name] = {"floor": ref["floor"], "rows": rows, "summary": summarise(rows, ref["floor"])}
     test_acc = float(np.mean(judge.predict(judge.test.image)[0] == judge.test.label))
@@ -116,6 +161,9 @@ def main() -> None:
             f"({r['worst_class_accuracy']:.2f})  FD {r['frechet_distance']:8.2f} "
             f"({r['frechet_distance'] / ref['floor']:.2f}x)  div {r['diversity']:.2f}")
   print(f"sampling {sample_s:.0f} s")
+  result["errors"] = misclassified(samples, predictions)
+  if args.errors:
+    save_errors(samples, result["errors"], args.errors)
   if args.frontier:
     first = next(iter(judges))
     plotting.save_frontier(result[first]["rows"], args.frontier, floor=result[first]["floor"],

@@ -276,3 +276,33 @@ def test_bad_diagnose_input(case, make, args, needle, toy_workdir, tmp_path):
   res = run_diagnose(f"--workdir={workdir}", f"--out={out}", *args)
   assert_one_line_error(res, needle)
   assert tree_hash(workdir) == before and not out.exists()
+
+
+def test_quality_lists_and_draws_the_misclassified_samples(tmp_path):
+  """benchmarks/quality.py --errors: per kind and scale, exactly the samples some judge reads as
+  another class (index into the kind's batch, requested label, each judge's reading), drawn as one
+  PNG; and summarise's best-accuracy scale is the lowest-FD of a tie."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
+  quality = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quality)
+  from jaxguide import evaluate
+  y, s = evaluate.sweep_layout([0, 1, 2], 2, [1.0, 2.0])   # 6 samples per scale, 12 in the kind
+  images = np.linspace(-1, 1, 12 * 4 * 4).reshape(12, 4, 4, 1).astype(np.float32)
+  group = evaluate.Samples("cfg", (1.0, 2.0), images, y, s, None, 0.0, 0.0)
+  first = y.copy(); first[3] = 2                         # scale 1: the second 1 read as 2
+  second = y.copy(); second[3] = 0; second[10] = 1       # ... and by judge2 as 0; scale 2: a 2 as 1
+  errors = quality.misclassified([group], {"evaluator": [first], "judge2": [second]})
+  assert errors == [
+      {"guidance": "cfg", "scale": 1.0, "samples": [{"index": 3, "requested": 1, "evaluator": 2, "judge2": 0}]},
+      {"guidance": "cfg", "scale": 2.0, "samples": [{"index": 10, "requested": 2, "evaluator": 2, "judge2": 1}]}]
+  assert quality.misclassified([group], {"evaluator": [y]}) == [
+      {"guidance": "cfg", "scale": 1.0, "samples": []}, {"guidance": "cfg", "scale": 2.0, "samples": []}]
+  quality.save_errors([group], errors, str(tmp_path / "errors.png"))
+  fmt, (w, h) = _png_size(tmp_path / "errors.png")
+  assert fmt == "PNG" and w > 300 and h > 80
+  rows = [{"guidance": "cfg", "scale": 1.5, "accuracy": 1.0, "frechet_distance": 30.0},
+          {"guidance": "cfg", "scale": 2.0, "accuracy": 1.0, "frechet_distance": 40.0},
+          {"guidance": "cfg", "scale": 1.0, "accuracy": 0.9, "frechet_distance": 10.0}]
+  assert quality.summarise(rows, 10.0)["cfg"] == {"best_acc_scale": 1.5, "best_acc": 1.0,
+                                                  "fd_ratio_at_best_acc": 3.0, "best_fd_ratio": 1.0}
