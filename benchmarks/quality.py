@@ -150,8 +150,9 @@ def main() -> None:
             "sample_s": sample_s}
   predictions = {}
   for name, judge in judges.items():
-    predictions[name] = [judge.predict(group.images)[0] for group in samples]
-    rows, ref = evaluate.measure(judge, samples)
+    predicted = [judge.predict(group.images) for group in samples]
+    predictions[name] = [pred for pred, _ in predicted]
+    rows, ref = evaluate.measure(judge, samples, predicted=predicted)
     result[name] = {"floor": ref["floor"], "rows": rows, "summary": summarise(rows, ref["floor"])}
     test_acc = float(np.mean(judge.predict(judge.test.image)[0] == judge.test.label))
     result[name]["test_accuracy"] = test_acc

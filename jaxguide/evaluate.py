@@ -301,12 +301,15 @@ def draw(run: pipeline.Run, key: jax.Array, scales_by_kind: Mapping[str, Sequenc
   return out
 
 
-def measure(judge: Judge, samples: Sequence[Samples], seed: int = 0) -> tuple[list[dict], dict]:
+def measure(judge: Judge, samples: Sequence[Samples], seed: int = 0,
+            predicted: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None) -> tuple[list[dict], dict]:
   """One row per (kind, scale) of score_predictions, and the reference_figures of a block (every
-  block requests the same labels, so one floor and one ceiling serve them all)."""
+  block requests the same labels, so one floor and one ceiling serve them all). `predicted`:
+  judge.predict of each group's images, when the caller has them already."""
   rows = []
-  for group in samples:
-    pred, feats = judge.predict(group.images)   # every scale of a kind in one pass
+  for g, group in enumerate(samples):
+    # every scale of a kind in one pass
+    pred, feats = predicted[g] if predicted is not None else judge.predict(group.images)
     for scale, block in group.blocks():
       rows.append({"guidance": group.kind, "scale": scale,
                    **score_predictions(judge, pred[block], feats[block], group.labels[block])})

@@ -143,6 +143,17 @@ class EvaluatorMetricsTest(chex.TestCase):
     single = evaluate.reference_figures(self.judge, np.array([3]))   # no covariance: no distance
     self.assertEqual((single["floor"], single["ceiling"]), (None, None))
 
+  def test_measure_with_predictions_given_equals_measure(self):
+    """evaluate.measure(predicted=...) (a caller that has judge.predict's output already, e.g.
+    benchmarks/quality.py) gives the rows and reference it computes itself."""
+    y, s = evaluate.sweep_layout([0, 1, 2], 20, [1.0, 2.0])
+    images = np.concatenate([self.test.image[self.test.label == c][:20] for c in (0, 1, 2)] * 2)
+    group = evaluate.Samples("cfg", (1.0, 2.0), images, y, s, None, 0.0, 0.0)
+    own = evaluate.measure(self.judge, [group])
+    given = evaluate.measure(self.judge, [group], predicted=[self.judge.predict(images)])
+    self.assertEqual(own, given)
+    self.assertEqual([r["scale"] for r in own[0]], [1.0, 2.0])
+
 
 if __name__ == "__main__":
   absltest.main()
