@@ -45,68 +45,85 @@ from absl import flags
 
 from jaxguide import parallel, pipeline, sample_lib
 
-flags.DEFINE_string("workdir", None, "A folder trained by train.py.")
-flags.DEFINE_string("guidance", None, f"{' | '.join(pipeline.GUIDANCES)}, or a comma list of them "
-                    "to sweep, e.g. cfg,classifier. Default: the kinds --scale names, else cfg.")
-flags.DEFINE_multi_string("scale", None, "LIST: scales for every --guidance kind without its own, "
-                          "e.g. 1,3,5; KIND=LIST: one kind's scales, e.g. classifier=0,4,8 (repeat "
-                          "--scale per kind). Each kind samples all its scales in one compiled call. "
-                          "Default: the config's sample.cfg_scale / sample.clf_scale.")
-flags.DEFINE_float("clf_scale", None, "With --guidance both: the classifier scale (--scale is CFG's).")
-flags.DEFINE_string("sampler", None, "euler_maruyama | pc | ode_heun | ddpm | ddim | dpmpp_2m.")
-flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
-flags.DEFINE_string("spacing", None, "Time grid: linear (uniform in t) | logsnr (uniform in "
-                    "log(α²/σ²)). Default: the config's sample.spacing.")
-flags.DEFINE_integer("num_per_class", None, "Samples per label and scale.")
-flags.DEFINE_string("labels", None, "Comma list of class indices (default: every class).")
-flags.DEFINE_multi_string("prompt", None, "A text run (configs/mnist_text.py): a prompt to sample, "
-                          "e.g. 'a handwritten seven'; repeat for several. Default: one held-out "
-                          "caption per class.")
-flags.DEFINE_string("prompt_set", None, "A text run: sample every caption of a split, held_out "
-                    "(the paraphrases never trained on) or train, instead of --prompt.")
-flags.DEFINE_string("negative_prompt", None, "A text run: guide away from this prompt in the "
-                    "empty prompt's place, ε(neg) + s (ε(prompt) − ε(neg)) (--guidance negative, "
-                    "the default with it).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
-flags.DEFINE_bool("gif", False, "Also write a GIF of the denoising trajectory.")
-flags.DEFINE_bool("evaluate", False, "Judge the samples with the workdir's evaluator: report.json/.md, sweep.png.")
-flags.DEFINE_bool("guide_conditional", None, "Classifier guidance on ε(x,t,y) instead of ε(x,t,∅) "
-                  "(--noguide_conditional: ε(x,t,∅)); default: the config's sample.guide_conditional.")
-flags.DEFINE_float("eta", None, "ddim: stochasticity η (0 = deterministic).")
-flags.DEFINE_float("snr", None, "pc: Langevin corrector signal-to-noise ratio.")
-flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = off. Default: the "
-                   "config's sample.clip_x0 (1 for image presets, 0 for toy2d).")
-flags.DEFINE_bool("raw", False, "Write image samples as sampled: not clipped to [-1, 1].")
-flags.DEFINE_float("rescale", 0.0, "CFG rescale φ in [0, 1].")
-flags.DEFINE_string("interval", None, "Guide only for t in 'lo,hi' (default: the config's "
-                    "sample.interval; 0,1 guides at every t).")
-flags.DEFINE_string("schedule", None, "Every scale as a function of t: constant | linear | cosine "
-                    "(guidance.schedule: the same guidance on average, none at t = 1).")
-flags.DEFINE_integer("negative", None, "--guidance negative: the label to guide away from "
-                     "(default ∅, which is CFG).")
-flags.DEFINE_string("compose", None, "--guidance compose: LABEL:WEIGHT pairs, e.g. 3:1.5,8:-0.5 "
-                    "(ε(∅) + s Σ w (ε(label) − ε(∅)); a negative weight is 'not label').")
-flags.DEFINE_float("apg_eta", None, "--guidance apg: weight η of the update's part parallel to x̂₀ "
-                   "(default 0; 1 with no threshold is CFG).")
-flags.DEFINE_float("norm_threshold", None, "--guidance apg: bound r on the x̂₀ update's norm per "
-                   "sample (default: none).")
-flags.DEFINE_integer("recurrence", None, "--guidance x0_classifier: extra guided passes per step "
-                     "(default 0).")
-flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.")
-flags.DEFINE_string("dtype", None, "The networks' compute dtype: float32 | bfloat16 (default: the "
-                    "config's sample.dtype, float32 whatever they were trained in).")
-cli.define_distributed_flags()
+WORKDIR_HINT = "the folder train.py wrote"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A folder trained by train.py.", flag_values=fv)
+  flags.DEFINE_string("guidance", None, f"{' | '.join(pipeline.GUIDANCES)}, or a comma list of them "
+                      "to sweep, e.g. cfg,classifier. Default: the kinds --scale names, else cfg.",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("scale", None, "LIST: scales for every --guidance kind without its own, "
+                            "e.g. 1,3,5; KIND=LIST: one kind's scales, e.g. classifier=0,4,8 (repeat "
+                            "--scale per kind). Each kind samples all its scales in one compiled call. "
+                            "Default: the config's sample.cfg_scale / sample.clf_scale.",
+                            flag_values=fv)
+  flags.DEFINE_float("clf_scale", None, "With --guidance both: the classifier scale (--scale is CFG's).",
+                     flag_values=fv)
+  flags.DEFINE_string("sampler", None, "euler_maruyama | pc | ode_heun | ddpm | ddim | dpmpp_2m.",
+                      flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).",
+                       flag_values=fv)
+  flags.DEFINE_string("spacing", None, "Time grid: linear (uniform in t) | logsnr (uniform in "
+                      "log(α²/σ²)). Default: the config's sample.spacing.", flag_values=fv)
+  flags.DEFINE_integer("num_per_class", None, "Samples per label and scale.", flag_values=fv)
+  flags.DEFINE_string("labels", None, "Comma list of class indices (default: every class).",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("prompt", None, "A text run (configs/mnist_text.py): a prompt to sample, "
+                            "e.g. 'a handwritten seven'; repeat for several. Default: one held-out "
+                            "caption per class.", flag_values=fv)
+  flags.DEFINE_string("prompt_set", None, "A text run: sample every caption of a split, held_out "
+                      "(the paraphrases never trained on) or train, instead of --prompt.",
+                      flag_values=fv)
+  flags.DEFINE_string("negative_prompt", None, "A text run: guide away from this prompt in the "
+                      "empty prompt's place, ε(neg) + s (ε(prompt) − ε(neg)) (--guidance negative, "
+                      "the default with it).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).", flag_values=fv)
+  flags.DEFINE_bool("gif", False, "Also write a GIF of the denoising trajectory.", flag_values=fv)
+  flags.DEFINE_bool("evaluate", False, "Judge the samples with the workdir's evaluator: report.json/.md, sweep.png.",
+                    flag_values=fv)
+  flags.DEFINE_bool("guide_conditional", None, "Classifier guidance on ε(x,t,y) instead of ε(x,t,∅) "
+                    "(--noguide_conditional: ε(x,t,∅)); default: the config's sample.guide_conditional.",
+                    flag_values=fv)
+  flags.DEFINE_float("eta", None, "ddim: stochasticity η (0 = deterministic).", flag_values=fv)
+  flags.DEFINE_float("snr", None, "pc: Langevin corrector signal-to-noise ratio.", flag_values=fv)
+  flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = off. Default: the "
+                     "config's sample.clip_x0 (1 for image presets, 0 for toy2d).", flag_values=fv)
+  flags.DEFINE_bool("raw", False, "Write image samples as sampled: not clipped to [-1, 1].",
+                    flag_values=fv)
+  flags.DEFINE_float("rescale", 0.0, "CFG rescale φ in [0, 1].", flag_values=fv)
+  flags.DEFINE_string("interval", None, "Guide only for t in 'lo,hi' (default: the config's "
+                      "sample.interval; 0,1 guides at every t).", flag_values=fv)
+  flags.DEFINE_string("schedule", None, "Every scale as a function of t: constant | linear | cosine "
+                      "(guidance.schedule: the same guidance on average, none at t = 1).",
+                      flag_values=fv)
+  flags.DEFINE_integer("negative", None, "--guidance negative: the label to guide away from "
+                       "(default ∅, which is CFG).", flag_values=fv)
+  flags.DEFINE_string("compose", None, "--guidance compose: LABEL:WEIGHT pairs, e.g. 3:1.5,8:-0.5 "
+                      "(ε(∅) + s Σ w (ε(label) − ε(∅)); a negative weight is 'not label').",
+                      flag_values=fv)
+  flags.DEFINE_float("apg_eta", None, "--guidance apg: weight η of the update's part parallel to x̂₀ "
+                     "(default 0; 1 with no threshold is CFG).", flag_values=fv)
+  flags.DEFINE_float("norm_threshold", None, "--guidance apg: bound r on the x̂₀ update's norm per "
+                     "sample (default: none).", flag_values=fv)
+  flags.DEFINE_integer("recurrence", None, "--guidance x0_classifier: extra guided passes per step "
+                       "(default 0).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.", flag_values=fv)
+  flags.DEFINE_string("dtype", None, "The networks' compute dtype: float32 | bfloat16 (default: the "
+                      "config's sample.dtype, float32 whatever they were trained in).",
+                      flag_values=fv)
+  cli.define_distributed_flags(fv)
+
+
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  cli.check_args(argv, FLAGS.workdir, "the folder train.py wrote")
+  cli.check_args(argv, FLAGS.workdir, WORKDIR_HINT)
   request = sample_lib.request_from_flags(FLAGS)   # flags alone: refused before any process connects
-  cli.start_distributed()
-  run = pipeline.load_run(FLAGS.workdir, dtype=FLAGS.dtype)   # each process reads the checkpoints
-  request = sample_lib.complete_request(request, run)
-  sample_lib.check_split(request)
+  cli.start_distributed(FLAGS)
+  run, request = sample_lib.load_request(FLAGS.workdir, request, dtype=FLAGS.dtype)
   out = sample_lib.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "samples"))
   # Several processes: each samples its share of every batch; process 0 writes and prints.
   summary = sample_lib.sample_and_write(run, request, out)
@@ -115,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags(FLAGS)
   cli.run(main)

@@ -16,18 +16,27 @@ from ml_collections import config_flags
 
 from jaxguide import config_lib, sample_lib, train_lib
 
-config_flags.DEFINE_config_file("config", "configs/mnist.py:quick", "Config file, with :preset.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, figures. Resumed if it exists.")
-flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
-flags.DEFINE_bool("grids", True, "End with guided sample grids in WORKDIR/samples.")
-cli.define_distributed_flags()
+WORKDIR_HINT = "the run folder (created, or resumed if it exists)"
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str] | None = None) -> None:
+  """train.py's flags on `fv`; `argv`: the command line whose --config.* overrides to define
+  (default sys.argv, as ml_collections reads it)."""
+  config_flags.DEFINE_config_file("config", "configs/mnist.py:quick", "Config file, with :preset.",
+                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, figures. Resumed if it "
+                      "exists.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show tqdm progress bars.", flag_values=fv)
+  flags.DEFINE_bool("grids", True, "End with guided sample grids in WORKDIR/samples.", flag_values=fv)
+  cli.define_distributed_flags(fv)
+
+
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  cli.check_args(argv, FLAGS.workdir, "the run folder (created, or resumed if it exists)")
-  cli.start_distributed()
+  cli.check_args(argv, FLAGS.workdir, WORKDIR_HINT)
+  cli.start_distributed(FLAGS)
   try:
     report = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
   except train_lib.Preempted as e:
@@ -45,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags(FLAGS)
   cli.run(main)

@@ -26,21 +26,21 @@ def fail(message: str) -> None:
 
 
 def check_args(argv: Sequence[str], workdir: str | None, hint: str) -> None:
-  """Both scripts take flags only, and a --workdir."""
+  """The scripts take flags only, and a --workdir."""
   if len(argv) > 1:
-    fail(f"unexpected arguments {list(argv[1:])}: pass options as --name=value")
+    raise ConfigError(f"unexpected arguments {list(argv[1:])}: pass options as --name=value")
   if not workdir:
-    fail(f"--workdir is required: {hint}, e.g. --workdir runs/mnist")
+    raise ConfigError(f"--workdir is required: {hint}, e.g. --workdir runs/mnist")
 
 
-def define_distributed_flags() -> None:
-  """The multi-host flags both scripts take (read by `start_distributed`)."""
+def define_distributed_flags(fv: flags.FlagValues) -> None:
+  """The multi-host flags train.py and sample.py take (read by `start_distributed`)."""
   flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first (its "
-                    "coordinator, process count and id come from the cluster's environment).")
+                    "coordinator, process count and id come from the cluster's environment).", flag_values=fv)
   flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: HOST:PORT of "
-                      "process 0's coordinator (with --num_processes and --process_id).")
-  flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
-  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.")
+                      "process 0's coordinator (with --num_processes and --process_id).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.", flag_values=fv)
 
 
 def distributed_args(coordinator_address: str | None, num_processes: int | None,
@@ -70,10 +70,9 @@ def distributed_args(coordinator_address: str | None, num_processes: int | None,
           "process_id": process_id}
 
 
-def start_distributed() -> None:
+def start_distributed(f: flags.FlagValues) -> None:
   """`jax.distributed.initialize`, before jax's backend starts: with the explicit flags when
   given (checked first), else auto-detected under --distributed; otherwise nothing."""
-  f = flags.FLAGS
   explicit = distributed_args(f.coordinator_address, f.num_processes, f.process_id)
   if explicit is None and not f.distributed:
     return
@@ -100,24 +99,35 @@ def one_line(message: str) -> str:
   return lines[0]
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's parser, with flag and config-file errors reported as one line (absl prints a page)."""
+def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+  """absl's parser on `flag_values`, a flag or config-file error raised as a one-line ConfigError
+  (absl prints a page). The scripts parse flags.FLAGS; tests parse their own FlagValues."""
   try:
-    rest = flags.FLAGS(argv)
-    if "config" in flags.FLAGS:
-      flags.FLAGS.config.keys()   # config_flags loads lazily: make a missing file fail here
+    rest = flag_values(argv)
+    if "config" in flag_values:
+      flag_values.config.keys()   # config_flags loads lazily: make a missing file fail here
     return rest
   except (AttributeError, KeyError) as e:
     # An override of a field the config does not have; ml_collections suggests the near miss.
     near = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
     if near:
-      fail(f"--config.*.{near[2]}: the config has no field {near[2]!r}: did you mean {near[1]!r}?")
+      raise ConfigError(f"--config.*.{near[2]}: the config has no field {near[2]!r}: did you mean "
+                        f"{near[1]!r}?") from None
     field = re.sub(r"[^\w.]+", " ", str(e)).strip()
-    fail(f"--config: unknown field {field}: check the name in the config file")
+    raise ConfigError(f"--config: unknown field {field}: check the name in the config file") from None
   except OSError as e:
-    fail(f"--config: {one_line(str(e).splitlines()[-1].strip())}: give an existing config file")
+    raise ConfigError(f"--config: {one_line(str(e).splitlines()[-1].strip())}: give an existing "
+                      "config file") from None
   except (flags.Error, ValueError, ImportError, SyntaxError) as e:
-    fail(one_line(str(e)) if str(e) else type(e).__name__)
+    raise ConfigError(one_line(str(e)) if str(e) else type(e).__name__) from None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """`parse` on flags.FLAGS for app.run: an error is one line on stderr and exit 2."""
+  try:
+    return parse(flags.FLAGS, argv)
+  except ConfigError as e:
+    fail(str(e))
   return []
 
 

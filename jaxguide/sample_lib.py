@@ -429,6 +429,16 @@ def check_split(req: Request) -> None:
                         f"{-(-req.num_per_class // step) * step}")
 
 
+def load_request(workdir: str, req: Request,
+                 dtype: Optional[str] = None) -> tuple[pipeline.Run, Request]:
+  """The workdir's run and the request completed and checked against it, writing nothing: what
+  sample.py does between its flags and its first file. Every process reads the checkpoints."""
+  run = pipeline.load_run(workdir, dtype=dtype)
+  req = complete_request(req, run)
+  check_split(req)
+  return run, req
+
+
 def prepare_out(out: str) -> str:
   """Creates the output folder (after every check has passed). With several processes process 0
   creates it and tells the others whether it could: all refuse alike, or none does."""

@@ -6,6 +6,7 @@ vdm (EMA inside the state, per-step keys from `fold_in(rng, step)`). The batch i
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -318,10 +319,23 @@ def read_resumable(spec: config_lib.ModelSpec, config: ml_collections.ConfigDict
     ckpt.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       progress: bool = True) -> dict[str, Any]:
-  """Trains every model in `config.models` (resuming from `workdir`), evaluates each, writes a report."""
-  # Everything is checked before the workdir is created or written: bad input changes nothing.
+@dataclasses.dataclass
+class Plan:
+  """What `prepare` checked and read before anything is written: train_and_evaluate's inputs."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  train_ds: Any
+  test_ds: Any
+  specs: dict[str, config_lib.ModelSpec]
+  resume_from: dict[str, Any]
+  captions: Any
+  write_captions: bool
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+  """Checks the config, the workdir, the data and any checkpoint to resume, writing nothing:
+  bad input raises ConfigError (one line) while the workdir is still as it was."""
   config_lib.validate(config)
   config_lib.check_workdir(workdir, config)
   if jax.process_count() > 1 and config.train.num_devices:
@@ -341,12 +355,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   specs = {name: config_lib.model_spec(name, config, train_ds, conditions)
            for name in config_lib.model_names(config)}
   resume_from = {name: read_resumable(spec, config, workdir) for name, spec in specs.items()}
+  return Plan(config, workdir, mesh, train_ds, test_ds, specs, resume_from, captions,
+              write_captions)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool = True) -> dict[str, Any]:
+  """Trains every model in `config.models` (resuming from `workdir`), evaluates each, writes a report."""
+  plan = prepare(config, workdir)   # everything checked first: bad input changes nothing
   config_lib.make_workdir(workdir)   # every process (on a shared filesystem: the same folder)
   if is_primary():
     checkpoint.save_config(workdir, config)
-    pipeline.save_data_info(workdir, train_ds.shape, train_ds.num_classes)
-    if write_captions:
-      conditioning.save(workdir, captions)
+    pipeline.save_data_info(workdir, plan.train_ds.shape, plan.train_ds.num_classes)
+    if plan.write_captions:
+      conditioning.save(workdir, plan.captions)
   writer = MetricsWriter(workdir)
   # Models trained here replace their entries; those trained by an earlier command stay (e.g. a
   # guide added with --config.models=guide keeps the score network's figures).
@@ -356,14 +378,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   except ConfigError:   # a damaged report is rewritten, not a reason to refuse training
     earlier = None
   earlier = earlier if isinstance(earlier, dict) else {}
-  report: dict[str, Any] = {k: v for k, v in earlier.items() if k not in specs}
+  report: dict[str, Any] = {k: v for k, v in earlier.items() if k not in plan.specs}
   with StopSignal() as stop:   # one for every model: a signal while evaluating stops the next
-    for name, spec in specs.items():
-      state, speed = train_model(spec, config, workdir, train_ds, mesh, writer, progress, stop,
-                                 resume_from=resume_from.pop(name))
+    for name, spec in plan.specs.items():
+      state, speed = train_model(spec, config, workdir, plan.train_ds, plan.mesh, writer, progress,
+                                 stop, resume_from=plan.resume_from.pop(name))
       report[name] = {**speed, "steps": int(state.step),
                       "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
-                      **evaluate.evaluate_model(name, spec, config, state.ema_params, test_ds)}
+                      **evaluate.evaluate_model(name, spec, config, state.ema_params, plan.test_ds)}
   if is_primary():
     checkpoint.atomic_write_text(report_path, json.dumps(report, indent=2))
   return report

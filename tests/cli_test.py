@@ -1,12 +1,19 @@
-"""train.py on bad input: one line on stderr naming the field, exit code 2, the workdir untouched."""
+"""train.py on bad input: one line naming the field, the workdir untouched. The table runs in
+process against the checks train.py calls (flag parsing, `train_lib.prepare`); two commands keep
+the end-to-end contract (exit code 2, one line on stderr, nothing written)."""
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
+from absl import flags
 import pytest
+
+from jaxguide import cli, train_lib
+from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +49,51 @@ def assert_one_line_error(res, needle):
   assert needle in lines[0], lines[0]
 
 
+def script_flags(script: str, argv: list[str]) -> flags.FlagValues:
+  """The flags of train.py, sample.py or diagnose.py, defined on a fresh FlagValues and parsed from
+  `argv` as the script parses them (a ConfigError where the script would exit 2)."""
+  module, argv = __import__(script), [f"{script}.py", *argv]
+  fv = flags.FlagValues()
+  if script == "train":
+    module.define_flags(fv, argv)   # config_flags defines the --config.* overrides argv names
+  else:
+    module.define_flags(fv)
+  rest = cli.parse(fv, argv)
+  cli.check_args(rest, fv.workdir, module.__dict__.get("WORKDIR_HINT", "a workdir"))
+  return fv
+
+
+def refusal(check: Callable[[], object]) -> str:
+  """The one-line message of the ConfigError `check()` raises (it must raise one)."""
+  with pytest.raises(ConfigError) as e:
+    check()
+  message = str(e.value)
+  assert message and "\n" not in message, message
+  return message
+
+
+def train_refusal(argv: list[str]) -> str:
+  """What train.py would print after 'error: ' for `argv`, checked in process."""
+  def check():
+    fv = script_flags("train", argv)
+    train_lib.prepare(fv.config, fv.workdir)
+  return refusal(check)
+
+
+def sample_refusal(argv: list[str]) -> str:
+  """What sample.py would print after 'error: ' for `argv`, checked in process."""
+  from jaxguide import sample_lib
+  def check():
+    fv = script_flags("sample", argv)
+    sample_lib.load_request(fv.workdir, sample_lib.request_from_flags(fv), dtype=fv.dtype)
+  return refusal(check)
+
+
+def diagnose_refusal(argv: list[str]) -> str:
+  """What diagnose.py would print after 'error: ' for `argv`, checked in process."""
+  return refusal(lambda: __import__("diagnose").check(script_flags("diagnose", argv)))
+
+
 def copy_without(workdir, tmp_path, model):
   """A copy of a trained workdir with one model's checkpoints removed."""
   copy = str(tmp_path / f"no_{model}")
@@ -50,15 +102,15 @@ def copy_without(workdir, tmp_path, model):
   return copy
 
 
+TOY = f"--config={os.path.join(ROOT, 'configs', 'toy2d.py')}"
 BAD_TRAIN = [
     ("unknown source", ["--config.data.source=mnist6k"], "data.source"),
     ("missing idx", ["--config.data.source=idx:/nonexistent/fashion"], "idx"),
     ("beta order", ["--config.sde.beta_min=20.0"], "beta_min"),
     ("zero steps", ["--config.train.steps=0"], "train.steps"),
     ("negative batch", ["--config.train.batch_size=-4"], "batch_size"),
-    ("indivisible batch", ["--config.train.batch_size=12"], "divisible"),
     ("unknown model", ["--config.models=score,critic"], "models"),
-    ("bad preset", ["--config=configs/mnist.py:huge"], "preset"),
+    ("bad preset", [f"--config={os.path.join(ROOT, 'configs', 'mnist.py')}:huge"], "preset"),
     ("unknown flag", ["--sampler=foo"], "sampler"),
     ("bad dtype", ["--config.train.dtype=float8"], "dtype"),
     ("bad sample dtype", ["--config.sample.dtype=float16"], "sample.dtype"),
@@ -68,35 +120,39 @@ BAD_TRAIN = [
     ("no config file", ["--config=configs/nothere.py"], "nothere.py"),
     ("bad p_uncond", ["--config.score.p_uncond=1.5"], "p_uncond"),
     ("too many devices", ["--config.train.num_devices=9"], "num_devices"),
+    ("stray argument", ["extra"], "unexpected arguments"),
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_train_results(tmp_path_factory):
-  """Every BAD_TRAIN command, each on its own workdir holding a researcher's file, two at a time:
-  {case: (workdir, its hash before, the finished process)}."""
+@pytest.mark.parametrize("case,args,needle", BAD_TRAIN, ids=[c[0] for c in BAD_TRAIN])
+def test_bad_train_input(case, args, needle, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("a researcher's file")
+  before = tree_hash(str(workdir))
+  config = [] if case in ("bad preset", "no config file") else [TOY]
+  message = train_refusal([*config, f"--workdir={workdir}", *args])
+  assert needle in message, message
+  assert tree_hash(str(workdir)) == before
+
+
+def test_missing_workdir_flag():
+  assert "--workdir is required" in refusal(lambda: script_flags("train", [TOY]))
+
+
+def test_bad_train_input_end_to_end(tmp_path):
+  """The script itself: exit 2, one line on stderr, the workdir as it was (8 devices that do not
+  divide the batch: a check that needs the devices the script sets up)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("a researcher's file")
+  before = tree_hash(str(workdir))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  base = tmp_path_factory.mktemp("bad_train")
-  workdirs, jobs = {}, {}
-  for i, (case, args, _) in enumerate(BAD_TRAIN):
-    workdir = base / f"case{i}" / "run"
-    workdir.mkdir(parents=True)
-    (workdir / "notes.txt").write_text("a researcher's file")
-    workdirs[case] = (workdir, tree_hash(str(workdir)))
-    cmd = [sys.executable, "train.py", "--config=configs/toy2d.py", f"--workdir={workdir}", *args]
-    if case in ("bad preset", "no config file"):
-      cmd = [sys.executable, "train.py", *args, f"--workdir={workdir}"]
-    jobs[case] = lambda cmd=cmd: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                                env=env, timeout=120)
-  done = run_concurrently(jobs)
-  return {case: (*workdirs[case], done[case]) for case in jobs}
-
-
-@pytest.mark.parametrize("case,args,needle", BAD_TRAIN, ids=[c[0] for c in BAD_TRAIN])
-def test_bad_train_input(case, args, needle, bad_train_results):
-  workdir, before, out = bad_train_results[case]
-  assert_one_line_error(out, needle)
+  out = subprocess.run([sys.executable, "train.py", "--config=configs/toy2d.py",
+                        f"--workdir={workdir}", "--config.train.batch_size=12"], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert_one_line_error(out, "divisible")
   assert tree_hash(str(workdir)) == before
 
 
@@ -108,3 +164,27 @@ def test_unwritable_workdir(tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
   assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
   assert "--workdir" in out.stderr and blocker.read_text() == "x"
+
+
+def test_unprepared_mnist_names_the_prepare_command(tmp_path):
+  """CI's promise: under an empty JAXGUIDE_DATA the full MNIST is absent, and train.py says how to
+  prepare it in one line (exit 2) instead of reading a folder prepared by hand."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXGUIDE_DATA": str(tmp_path / "empty")}
+  out = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'run'}",
+                        "--config=configs/mnist.py:quick", "--config.data.source=mnist"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  assert_one_line_error(out, "python -m jaxguide.prepare mnist")
+  assert str(tmp_path / "empty") in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_suite_never_reads_the_user_cache():
+  """conftest's guard sees an open under ~/.cache/jaxguide (the test it happens in fails)."""
+  import conftest
+  path = os.path.join(conftest.USER_CACHE, "mnist", "train-images-idx3-ubyte")
+  try:
+    open(path, "rb").close()
+  except OSError:
+    pass
+  assert conftest._user_cache_reads == [path]   # pylint: disable=protected-access
+  conftest._user_cache_reads.clear()            # pylint: disable=protected-access
+  assert os.environ["JAXGUIDE_DATA"] and not os.environ["JAXGUIDE_DATA"].startswith(conftest.USER_CACHE)

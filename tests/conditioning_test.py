@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cli_test import assert_one_line_error, run_concurrently, tree_hash
+from cli_test import assert_one_line_error, sample_refusal, tree_hash
 from jaxguide import conditioning, guidance, losses, nets, pipeline, sample_lib, train_lib
 from jaxguide.errors import ConfigError
 from jaxguide.sde import VPSDE
@@ -264,25 +264,20 @@ BAD_TEXT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_text_results(text_workdir, tmp_path_factory):
-  """Every BAD_TEXT command, two at a time: {case: (its --out, the finished process)}; the cases
-  share the text workdir read-only and each checks it after all have run."""
-  base = tmp_path_factory.mktemp("bad_text")
-  outs = {case: base / f"case{i}" / "out" for i, (case, _, _) in enumerate(BAD_TEXT)}
-  jobs = {case: lambda case=case, args=args: run_sample(f"--workdir={text_workdir}",
-                                                        f"--out={outs[case]}", *args)
-          for case, args, _ in BAD_TEXT}
-  before = tree_hash(text_workdir)
-  done = run_concurrently(jobs)
-  return {case: (before, outs[case], done[case]) for case in jobs}
-
-
 @pytest.mark.parametrize("case,args,needle", BAD_TEXT, ids=[c[0] for c in BAD_TEXT])
-def test_bad_text_sample_input(case, args, needle, text_workdir, bad_text_results):
-  before, out, res = bad_text_results[case]
-  assert_one_line_error(res, needle)
-  assert tree_hash(text_workdir) == before and not os.path.exists(out)
+def test_bad_text_sample_input(case, args, needle, text_workdir, tmp_path):
+  before, out = tree_hash(text_workdir), tmp_path / "out"
+  message = sample_refusal([f"--workdir={text_workdir}", f"--out={out}", *args])
+  assert needle in message, message
+  assert tree_hash(text_workdir) == before and not out.exists()
+
+
+def test_bad_text_sample_input_end_to_end(text_workdir, tmp_path):
+  """The script itself on a prompt that needs the (absent) encoder: exit 2, one line, nothing written."""
+  before, out = tree_hash(text_workdir), tmp_path / "out"
+  res = run_sample(f"--workdir={text_workdir}", f"--out={out}", "--prompt=a brand new caption")
+  assert_one_line_error(res, "nonexistent")
+  assert tree_hash(text_workdir) == before and not out.exists()
 
 
 def test_library_refusals(text_workdir):

