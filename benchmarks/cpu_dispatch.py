@@ -24,6 +24,8 @@ import json, sys
 sys.path.insert(0, {root!r})
 from jaxguide import cpu, train_lib
 from configs import mnist
+if not hasattr(cpu, "one_step_in_flight"):   # else the patch below would change nothing
+  sys.exit("jaxguide.cpu.one_step_in_flight is gone: point this script at what decides the wait")
 if {wait} is False:
   cpu.one_step_in_flight = lambda mesh: False
 c = mnist.get_config("quick")
@@ -39,7 +41,7 @@ def one_run(wait: bool, steps: int, devices: int) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     code = CHILD.format(root=ROOT, wait=wait, steps=steps, workdir=os.path.join(tmp, "run"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
   lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]

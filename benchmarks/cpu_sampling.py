@@ -8,7 +8,10 @@ four combinations, compiled up front and then timed in alternating rounds (the m
 drifts; alternation spreads the drift over all four). Random weights: speed does not depend on
 them. Also the UNet forward alone and the classifier gradient alone.
 
-  python benchmarks/cpu_sampling.py [--batch 80] [--rounds 7]
+  python benchmarks/cpu_sampling.py [--batch 80] [--rounds 7] [--smoke]
+
+--smoke runs every configuration on networks of one level of 8 channels for 2 steps: that the
+script runs, not how fast (CI).
 
 The host is split into one XLA device per core as the scripts do (set XLA_FLAGS to override).
 Prints one JSON line per configuration: milliseconds per sampling step, median over rounds.
@@ -35,6 +38,7 @@ from jaxguide import config_lib, guidance, nets, samplers, score  # noqa: E402
 from jaxguide.sde import VPSDE  # noqa: E402
 
 STEPS = 20
+SMOKE_STEPS, SMOKE_MODEL = 2, dict(ch=8, ch_mult=(1,), groups=4)
 YNNPACK_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 ORIGINAL_GROUP_NORM = nets.group_norm   # build() swaps nets.group_norm between the two
 
@@ -43,18 +47,24 @@ def flax_group_norm(num_groups, dtype=jnp.float32):
   return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32)
 
 
-def build(norm: str, part: str, batch: int):
+def build(norm: str, part: str, batch: int, steps: int = STEPS, smoke: bool = False):
   """(jitted function of (params, key), params) for one GroupNorm and one part of the step."""
   nets.group_norm = {"flax": flax_group_norm, "jaxguide": ORIGINAL_GROUP_NORM}[norm]
   config = mnist.get_config("quick")
   config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
+  if smoke:
+    config.score.model.update(SMOKE_MODEL)
+    config.classifier.model.update(SMOKE_MODEL)
   unet = config_lib.build_model(config.score.model, 10, jnp.float32)
   clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
   x, t = jnp.zeros((batch, 28, 28, 1)), jnp.full((batch,), 0.5)
   y = jnp.arange(batch, dtype=jnp.int32) % 10
-  params = {"score": unet.init(jax.random.PRNGKey(0), x, t, y)["params"],
-            "classifier": clf.init(jax.random.PRNGKey(1), x, t)["params"]}
-  params = jax.tree.map(lambda p: 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  # Shapes only, filled with numpy's noise: an eager init of the UNet, or jax.random per leaf
+  # (one threefry compile per shape), spends seconds on values that do not change the speed.
+  params = {"score": jax.eval_shape(unet.init, jax.random.PRNGKey(0), x, t, y)["params"],
+            "classifier": jax.eval_shape(clf.init, jax.random.PRNGKey(1), x, t)["params"]}
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32), params)
   sde = VPSDE()
 
   def fn(p, key):
@@ -63,7 +73,7 @@ def build(norm: str, part: str, batch: int):
     g = {"guided step": guidance.classifier(eps, logp, sde, 8.0),
          "UNet forward": eps,
          "classifier gradient": lambda x, t, y: guidance.classifier_grad(logp, x, t, y)}[part]
-    return samplers.sample(key, g, sde, (batch, 28, 28, 1), y, "euler_maruyama", STEPS)
+    return samplers.sample(key, g, sde, (batch, 28, 28, 1), y, "euler_maruyama", steps)
   return fn, params
 
 
@@ -71,13 +81,16 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=80)
   parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--smoke", action="store_true",
+                      help=f"networks of one level, {SMOKE_STEPS} steps: a check that it runs (CI)")
   args = parser.parse_args()
+  steps = SMOKE_STEPS if args.smoke else STEPS
   configs = [("guided step", norm, ynn) for norm in ("flax", "jaxguide") for ynn in ("on", "off")]
   configs += [(part, norm, "on") for part in ("UNet forward", "classifier gradient")
               for norm in ("flax", "jaxguide")]
   compiled = {}
   for part, norm, ynn in configs:
-    fn, params = build(norm, part, args.batch)
+    fn, params = build(norm, part, args.batch, steps, args.smoke)
     key = jax.random.PRNGKey(0)
     options = YNNPACK_OFF if ynn == "off" else {}
     start = time.perf_counter()
@@ -91,7 +104,7 @@ def main():
       exe, params, key, _ = compiled[c]
       start = time.perf_counter()
       jax.block_until_ready(exe(params, key))
-      times[c].append(1000 * (time.perf_counter() - start) / STEPS)
+      times[c].append(1000 * (time.perf_counter() - start) / steps)
   for part, norm, ynn in configs:
     t = times[part, norm, ynn]
     print(json.dumps({"part": part, "group_norm": norm, "ynnpack": ynn, "batch": args.batch,

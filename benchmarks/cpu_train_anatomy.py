@@ -1,7 +1,7 @@
 """Where the CPU training-step gap to PyTorch comes from: the score UNet's step taken apart.
 
   python benchmarks/cpu_train_anatomy.py [--sections width,per_core,convs,allreduce] [--rounds 2]
-                                         [--json FILE]
+                                         [--steps 12] [--json FILE] [--smoke]
 
 Needs the `bench` extra (torch) for the `width` and `per_core` sections. Every measurement runs in
 a fresh process, because the XLA device count and the CPU affinity are fixed when a process starts;
@@ -19,7 +19,9 @@ jaxguide and PyTorch processes alternate, `--rounds` times, and each reports the
              gradients averaged as one flat vector by a `shard_map` + `psum` instead (not adopted:
              see docs/benchmarks.md).
 
-Prints one JSON line per measurement and a table per section.
+Prints one JSON line per measurement and a table per section. --smoke runs every section on UNets
+of one level of 8 channels (one width) at batch 4, and each way of writing the convolution at
+16 -> 16 only: that the script runs, not how fast (CI).
 """
 import argparse
 import json
@@ -50,10 +52,12 @@ def median_ms(call, steps):
   return 1000 * float(np.median(times))
 
 
-def config(ch):
+def config(ch, smoke):
   from configs import mnist
   c = mnist.get_config("quick")
   c.score.model.ch = ch
+  if smoke:
+    c.score.model.update(ch_mult=(1,), groups=4)
   return c
 
 
@@ -62,7 +66,7 @@ if mode == "jax_step":
   from jax.flatten_util import ravel_pytree
   from jax.sharding import PartitionSpec as P
   from jaxguide import config_lib, data, parallel, train_lib
-  c = config(args["ch"])
+  c = config(args["ch"], args.get("smoke", False))
   ds = data.load("mnist5k")
   spec = config_lib.model_spec("score", c, ds)
   tc = config_lib.model_train_config(c, "score")
@@ -97,13 +101,9 @@ if mode == "jax_step":
 elif mode == "torch_step":
   import torch
   torch.set_num_threads(args["threads"])
-  import jaxguide as jg
   import run as harness
-  from jaxguide import config_lib
-  c = config(args["ch"])
-  tc = config_lib.model_train_config(c, "score")
-  trainer = harness.TorchTrainer(harness.build_torch(c, "score", dropout=True), "score", tc,
-                                 jg.VPSDE(c.sde.beta_min, c.sde.beta_max), c.score.p_uncond, "cpu", None)
+  c = config(args["ch"], args.get("smoke", False))
+  trainer = harness.torch_trainer(c, "score", harness.build_torch(c, "score", dropout=True), "cpu", None)
   rng = np.random.default_rng(2)
   x = torch.tensor(rng.uniform(-1, 1, (args["batch"], 1, 28, 28)).astype(np.float32))
   y = torch.tensor(np.arange(args["batch"]) % 10).long()
@@ -184,32 +184,42 @@ def main():
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=12)
   parser.add_argument("--json", default="")
+  parser.add_argument("--smoke", action="store_true",
+                      help="one-level UNets of 8 channels at batch 4, convolutions at 16 -> 16 only (CI)")
   args = parser.parse_args()
   sections = args.sections.split(",")
+  unknown = set(sections) - {"width", "per_core", "convs", "allreduce"}
+  if unknown:
+    parser.error(f"--sections: unknown {', '.join(sorted(unknown))}: use width,per_core,convs,allreduce")
+  # The UNet's settings: its widths, the batch of 2 devices (one device's half per core), its
+  # default width; --smoke marks every job so that the children cut the network to one level.
+  widths, batch, ch = ((8,), 4, 8) if args.smoke else ((16, 24, 32), 64, 16)
+  unet = {"smoke": True} if args.smoke else {}
   report = {}
   if "width" in sections:
     rows = []
-    for ch in (16, 24, 32):
-      jobs = [(f"jaxguide ch={ch}", "jax_step", {"ch": ch, "batch": 64, "variant": "gspmd", "steps": args.steps}, 2, False),
-              (f"pytorch ch={ch}", "torch_step", {"ch": ch, "batch": 64, "threads": 2, "steps": args.steps}, 1, False)]
+    for w in widths:
+      jobs = [(f"jaxguide ch={w}", "jax_step", {"ch": w, "batch": batch, "variant": "gspmd", "steps": args.steps, **unet}, 2, False),
+              (f"pytorch ch={w}", "torch_step", {"ch": w, "batch": batch, "threads": 2, "steps": args.steps, **unet}, 1, False)]
       rows += alternate(jobs, args.rounds)
     report["width"] = rows
   if "per_core" in sections:
-    jobs = [("jaxguide 1 device, 1 core", "jax_step", {"ch": 16, "batch": 32, "variant": "gspmd", "steps": args.steps}, 1, True),
-            ("pytorch 1 thread, 1 core", "torch_step", {"ch": 16, "batch": 32, "threads": 1, "steps": args.steps}, 1, True)]
+    jobs = [("jaxguide 1 device, 1 core", "jax_step", {"ch": ch, "batch": batch // 2, "variant": "gspmd", "steps": args.steps, **unet}, 1, True),
+            ("pytorch 1 thread, 1 core", "torch_step", {"ch": ch, "batch": batch // 2, "threads": 1, "steps": args.steps, **unet}, 1, True)]
     report["per_core"] = alternate(jobs, args.rounds)
   if "convs" in sections:
     rows = []
-    cases = [(16, 16, "direct"), (16, 32, "direct"), (32, 16, "direct"), (32, 32, "direct")]
+    shapes = [(16, 16)] if args.smoke else [(16, 16), (16, 32), (32, 16), (32, 32)]
+    cases = [(cin, cout, "direct") for cin, cout in shapes]
     cases += [(16, 16, form) for form in ("unfold_w", "im2col_dot", "batch_as_groups", "pad_out_17")]
     for cin, cout, form in cases:
-      result = child("conv", {"cin": cin, "cout": cout, "form": form, "steps": 40}, 1, True)
+      result = child("conv", {"cin": cin, "cout": cout, "form": form, "steps": args.steps if args.smoke else 40}, 1, True)
       print(json.dumps({"cin": cin, "cout": cout, "form": form, **result}), flush=True)
       rows.append({"label": f"3x3 conv {cin} -> {cout} {form}", **result})
     report["convs"] = rows
   if "allreduce" in sections:
-    jobs = [("per-leaf all-reduce (GSPMD)", "jax_step", {"ch": 16, "batch": 64, "variant": "gspmd", "steps": args.steps}, 2, False),
-            ("one flat psum (shard_map)", "jax_step", {"ch": 16, "batch": 64, "variant": "flat_psum", "steps": args.steps}, 2, False)]
+    jobs = [("per-leaf all-reduce (GSPMD)", "jax_step", {"ch": ch, "batch": batch, "variant": "gspmd", "steps": args.steps, **unet}, 2, False),
+            ("one flat psum (shard_map)", "jax_step", {"ch": ch, "batch": batch, "variant": "flat_psum", "steps": args.steps, **unet}, 2, False)]
     report["allreduce"] = alternate(jobs, args.rounds)
   for section, rows in report.items():
     print(f"\n{section}")

@@ -1,11 +1,13 @@
 """Training-step throughput of the mnist:quick models on this host, for 1, 2 and 4 XLA CPU devices.
 
   python benchmarks/cpu_train_step.py [--models score,classifier,evaluator] [--devices 1,2,4]
-                                      [--batches 64,128,256]
+                                      [--batches 64,128,256] [--smoke]
 
 Each configuration runs in a fresh process (the device count is fixed when XLA starts): one
 compiled `train_lib.make_train_step` over the `data` mesh, a batch of mnist5k (64 unless
 `--batches` lists others), median of 12 steps after a warm-up step. Prints one line per configuration and a table at the end.
+--smoke cuts the UNets and the classifier to one level of 8 channels (the evaluator has no size
+to cut) and times 1 step: that the script runs, not how fast (CI).
 """
 import argparse
 import json
@@ -23,8 +25,11 @@ import jax, numpy as np
 sys.path.insert(0, ROOT)
 from configs import mnist
 from jaxguide import config_lib, data, parallel, train_lib
-name, bs, n_dev = sys.argv[1], int(sys.argv[2]), jax.device_count()
+name, bs, n_dev, smoke = sys.argv[1], int(sys.argv[2]), jax.device_count(), sys.argv[3] == "smoke"
 c = mnist.get_config("quick")
+if smoke:
+  for role in ("score", "guide", "classifier"):
+    c[role].model.update(ch=8, ch_mult=(1,), groups=4)
 ds = data.load("mnist5k")
 spec = config_lib.model_spec(name, c, ds)
 tc = config_lib.model_train_config(c, name)
@@ -38,7 +43,7 @@ t0 = time.perf_counter()
 state, m = step(state, batch); jax.block_until_ready(m)
 compile_s = time.perf_counter() - t0
 times = []
-for _ in range(12):
+for _ in range(1 if smoke else 12):
   t0 = time.perf_counter(); state, m = step(state, batch); jax.block_until_ready(m)
   times.append(time.perf_counter() - t0)
 med = float(np.median(times))
@@ -53,14 +58,18 @@ def main():
   parser.add_argument("--models", default="score,classifier,evaluator")
   parser.add_argument("--devices", default="1,2,4")
   parser.add_argument("--batches", default="64", help="comma-separated global batch sizes")
+  parser.add_argument("--smoke", action="store_true", help="tiny networks, 1 timed step (CI)")
   args = parser.parse_args()
   rows = []
   for name in args.models.split(","):
     for n, bs in [(int(d), int(b)) for d in args.devices.split(",") for b in args.batches.split(",")]:
       env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
              "JAX_PLATFORMS": "cpu"}
-      out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), name, str(bs)],
-                           capture_output=True, text=True, env=env, check=True)
+      out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), name, str(bs),
+                            "smoke" if args.smoke else "full"],
+                           capture_output=True, text=True, env=env)
+      if out.returncode:
+        sys.exit(f"{name} on {n} device(s), batch {bs}: the child failed:\n{out.stderr[-3000:]}")
       row = json.loads(out.stdout.strip().splitlines()[-1])
       print(json.dumps(row), flush=True)
       rows.append(row)

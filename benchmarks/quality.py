@@ -125,6 +125,9 @@ def main() -> None:
   args = p.parse_args()
   scales = parse_scales(args.scale or ["none=1", "cfg=2,3", "classifier=2,4"])
   run = pipeline.load_run(args.workdir)
+  if args.errors and len(run.shape) != 3:
+    raise SystemExit(f"error: --errors draws image samples; {args.workdir} holds data of shape "
+                     f"{run.shape}: leave --errors out (the JSON lists the misclassified samples)")
   sc = run.config.sample
   # The run's sampling defaults (spacing, clip_x0), exactly as sample.py fills them.
   flagged = {} if args.guide_conditional is None else {"guide_conditional": args.guide_conditional}

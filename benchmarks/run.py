@@ -1,6 +1,6 @@
 """jaxguide against a PyTorch eager implementation of the same networks, side by side in one run.
 
-  python benchmarks/run.py --json FILE [--preset cpu|gpu] [--quick] [--jax-devices N]
+  python benchmarks/run.py --json FILE [--preset cpu|gpu] [--quick | --smoke] [--jax-devices N]
                            [--torch-threads N] [--repeats N] [--steps N] [--large-batch N]
                            [--large-steps N] [--only REGEX] [--budget-s S] [--keep-going]
 
@@ -28,7 +28,9 @@ side is an eager loop written here. JAX and PyTorch runs alternate; each time is
 {name, batch, jax_s, torch_s, ratio = torch_s / jax_s, max_abs_diff, device, ...}, and prints a
 table at the end.
 
-Presets (configs/mnist.py sizes the networks and the training batch):
+Presets (configs/mnist.py sizes the networks and the training batch; both sides build them as
+config_lib.build_model does, so a `score.model.param = "v"` UNet is read as a v-prediction
+on both, and the PyTorch training step weights its ε-loss by `score.weighting` as jaxguide's):
   cpu  mnist:quick networks (ch 16); sampling B=8 × 1000 steps and B=64 × 100 steps; training
        batch 64; float32. The JAX side splits the host into one XLA device per core as the scripts
        do (jaxguide.cpu.split_host), PyTorch gets one thread per core.
@@ -82,7 +84,7 @@ from torch.nn import functional as F  # noqa: E402
 import jaxguide as jg  # noqa: E402
 from benchmarks import torch_nets  # noqa: E402
 from configs import mnist  # noqa: E402
-from jaxguide import config_lib, guidance, parallel, train_lib  # noqa: E402
+from jaxguide import config_lib, guidance, losses, parallel, train_lib  # noqa: E402
 
 PORT_TOL = 1e-4         # float32 forward outputs, the issue's bound
 GRAD_TOL = 1e-3         # gradients, relative to their largest entry
@@ -93,12 +95,19 @@ NUM_CLASSES, SHAPE = 10, (28, 28, 1)
 PRESETS = {
     "cpu": dict(config="quick", device="cpu", batch=8, steps=1000, grid_batch=0,
                 large_batch=64, large_steps=100, dtypes=("float32",), repeats=5, check_steps=20,
-                budget_s=0),
+                budget_s=0, peak_n=2048, smoke=False),
     "gpu": dict(config="full", device="cuda", batch=8, steps=1000, grid_batch=80,
                 large_batch=4096, large_steps=20, dtypes=("float32", "bfloat16"), repeats=5,
-                check_steps=20, budget_s=480),
+                check_steps=20, budget_s=480, peak_n=8192, smoke=False),
 }
 QUICK = dict(steps=20, large_steps=4, repeats=2, check_steps=10)
+# --smoke: every check and every kind of record once, in seconds: one batch of 2 (so no separate
+# large-batch records), 2 steps, one timed run of one call (--min-run-s 0), a 64³ peak matmul, and
+# the preset's networks cut to one level of 8 channels (their param kept) trained at the same
+# batch of 2. It shows that the script runs and its checks pass, not how fast anything is.
+SMOKE = dict(batch=2, steps=2, grid_batch=0, large_batch=2, large_steps=2, repeats=1,
+             check_steps=2, peak_n=64, smoke=True)
+SMOKE_MODEL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, groups=4)
 DTYPES = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
 
 
@@ -268,7 +277,7 @@ def make_torch_eps(mode: str, unet, clf, scale: float, y: torch.Tensor, null: in
 
 
 def em_schedule(times: np.ndarray, sde: jg.VPSDE) -> list[tuple[float, ...]]:
-  """Per step (t, g², σ(t), −½β(t), g√h, h) in float32, by the formulas of jaxguide/sde.py.
+  """Per step (t, g², σ(t), −½β(t), g√h, h, α(t)) in float32, by the formulas of jaxguide/sde.py.
 
   Precomputed once, as an eager sampler precomputes its schedule; the values are float32 so the
   Python floats the loop multiplies by are exactly what jaxguide computes in the scan.
@@ -278,23 +287,24 @@ def em_schedule(times: np.ndarray, sde: jg.VPSDE) -> list[tuple[float, ...]]:
   h = t - torch.from_numpy(times[1:])
   beta = sde.beta_min + t * (sde.beta_max - sde.beta_min)
   g = torch.sqrt(beta)
-  log_alpha = -0.25 * t**2 * (sde.beta_max - sde.beta_min) - 0.5 * t * sde.beta_min
-  sigma = torch.sqrt(-torch.expm1(2.0 * log_alpha))
+  alpha, sigma = torch_nets.marginal_coeffs(t, sde.beta_min, sde.beta_max)
   return list(zip(t.tolist(), (g * g).tolist(), sigma.tolist(), (-0.5 * beta).tolist(),
-                  (g * torch.sqrt(h)).tolist(), h.tolist()))
+                  (g * torch.sqrt(h)).tolist(), h.tolist(), alpha.tolist()))
 
 
 @torch.no_grad()
 def torch_em(eps_fn: Callable, x: torch.Tensor, noise: torch.Tensor, schedule) -> torch.Tensor:
   """Eager Euler–Maruyama on the reverse SDE, the update of jaxguide.samplers.euler_maruyama:
 
-    x ← x + (g² · (−ε̃/σ) − f(x, t)) h + g √h z,   f = −½βx,  no noise on the last step.
+    x ← x + (g² · (−ε̃/σ) − f(x, t)) h + g √h z,   f = −½βx,
+  and as the last step Tweedie's x̂₀ = (x − σ ε̃) / α at its start time.
   """
   last = len(schedule) - 1
-  for i, (t, g2, sigma, drift, noise_scale, h) in enumerate(schedule):
+  for i, (t, g2, sigma, drift, noise_scale, h, alpha) in enumerate(schedule):
     eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device), sigma)
-    mean = x + (g2 * (-eps / sigma) - drift * x) * h
-    x = mean if i == last else mean + noise_scale * noise[i]
+    if i == last:
+      return (x - sigma * eps) / alpha
+    x = x + (g2 * (-eps / sigma) - drift * x) * h + noise_scale * noise[i]
   return x
 
 
@@ -470,7 +480,7 @@ class Bench:
 def measure_peak(b: Bench, dtype_name: str) -> None:
   """Achievable FLOP/s: a large jitted matmul per device, batch-sharded over the mesh, and a
   PyTorch matmul of the same size; the larger is the peak that fractions are taken of."""
-  n = 8192 if b.device == "cuda" else 2048
+  n = b.preset["peak_n"]
   dtype = DTYPES[dtype_name][0]
   devices = b.mesh.devices.size
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
@@ -479,15 +489,16 @@ def measure_peak(b: Bench, dtype_name: str) -> None:
   a, c = parallel.shard_batch({"a": np.asarray(a), "c": np.asarray(c)}, b.mesh).values()
   matmul = jax.jit(lambda a, c: jnp.einsum("bij,bjk->bik", a, c))
   matmul(a, c).block_until_ready()
-  inner = calibrate(lambda: matmul(a, c), b.jax_sync, 0.3)
-  (times,), _ = median_times([lambda: matmul(a, c)], [b.jax_sync], 5, [inner])
+  runs, min_s = (1, 0.0) if b.preset["smoke"] else (5, 0.3)
+  inner = calibrate(lambda: matmul(a, c), b.jax_sync, min_s)
+  (times,), _ = median_times([lambda: matmul(a, c)], [b.jax_sync], runs, [inner])
   jax_peak = 2.0 * devices * n**3 / float(np.median(times))
   # PyTorch's matmul too: the device's peak is the better of the two, so that neither side's
   # fraction is flattered by the other library's slower GEMM (XLA:CPU's trails oneDNN's).
   t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
   ta, tc = (torch.randn(n, n, device=b.device).to(t_dtype) for _ in range(2))
-  t_inner = calibrate(lambda: ta @ tc, b.torch_sync, 0.3)
-  (t_times,), _ = median_times([lambda: ta @ tc], [b.torch_sync], 5, [t_inner])
+  t_inner = calibrate(lambda: ta @ tc, b.torch_sync, min_s)
+  (t_times,), _ = median_times([lambda: ta @ tc], [b.torch_sync], runs, [t_inner])
   torch_peak = 2.0 * n**3 / float(np.median(t_times))
   b.peaks[dtype_name] = max(jax_peak, torch_peak)
   print(f"peak {dtype_name}: {b.peaks[dtype_name] / 1e12:.3f} TFLOP/s (jax {devices} x {n}^3 "
@@ -645,15 +656,31 @@ def lr_lambda(tc) -> Callable[[int], float]:
   return factor
 
 
+def torch_loss_weight(sde: jg.VPSDE, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+  """jaxguide.losses.loss_weight: w(t) (B,) on each sample's ε squared error, from λ(t) as
+  jaxguide/sde.py computes it."""
+  log_alpha = -0.25 * t**2 * (sde.beta_max - sde.beta_min) - 0.5 * t * sde.beta_min
+  snr = torch.exp(2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha)))
+  if weighting == "eps":
+    return torch.ones_like(t)
+  if weighting == "v":
+    return 1.0 + 1.0 / snr
+  if weighting == "min_snr":
+    return torch.clamp(snr, max=gamma) / snr
+  raise ValueError(f"weighting={weighting!r}: use one of {losses.WEIGHTINGS}")
+
+
 class TorchTrainer:
   """The eager training step that matches train_lib's: t ~ U(t_eps, 1), x_t = αx₀ + σε, label
-  dropout to ∅ (score) , forward, MSE on ε or cross-entropy, backward, global-norm clipping,
-  AdamW with the same schedule, EMA with train_lib's warm-up."""
+  dropout to ∅ (score), forward, the ε squared error weighted by w(t) (`weighting`, as
+  score.weighting) or cross-entropy, backward, global-norm clipping, AdamW with the same
+  schedule, EMA with train_lib's warm-up."""
 
   def __init__(self, module, role: str, tc, sde: jg.VPSDE, p_uncond: float, device: str,
-               dtype: Optional[torch.dtype]):
+               dtype: Optional[torch.dtype], weighting: str = "eps", min_snr_gamma: float = 5.0):
     self.module, self.role, self.tc, self.sde = module.train(), role, tc, sde
     self.p_uncond, self.device, self.dtype = p_uncond, device, dtype
+    self.weighting, self.min_snr_gamma = weighting, min_snr_gamma
     self.params = list(module.parameters())
     self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=tc.weight_decay)
@@ -664,16 +691,15 @@ class TorchTrainer:
   def __call__(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     b, t_eps = x0.shape[0], self.tc.t_eps
     t = torch.rand(b, device=self.device) * (1 - t_eps) + t_eps
-    log_alpha = (-0.25 * t**2 * (self.sde.beta_max - self.sde.beta_min)
-                 - 0.5 * t * self.sde.beta_min)
-    alpha, sigma = torch.exp(log_alpha), torch.sqrt(-torch.expm1(2 * log_alpha))
+    alpha, sigma = torch_nets.marginal_coeffs(t, self.sde.beta_min, self.sde.beta_max)
     eps = torch.randn_like(x0)
     x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
     with autocast(self.device, self.dtype):
       if self.role == "score":
         drop = torch.rand(b, device=self.device) < self.p_uncond
         pred = self.module(x_t, t, torch.where(drop, NUM_CLASSES, y))
-        loss = ((pred.float() - eps) ** 2).mean()
+        err = ((pred.float() - eps) ** 2).mean(dim=(1, 2, 3))
+        loss = (torch_loss_weight(self.sde, t, self.weighting, self.min_snr_gamma) * err).mean()
       else:
         loss = F.cross_entropy(self.module(x_t, t).float(), y)
     self.opt.zero_grad(set_to_none=True)
@@ -686,6 +712,17 @@ class TorchTrainer:
       torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
     self.step_count += 1
     return loss
+
+
+def torch_trainer(config, role: str, module, device: str, dtype: Optional[torch.dtype]) -> TorchTrainer:
+  """The TorchTrainer of `config`'s `role` (its training settings, SDE and ε-loss weighting)."""
+  if role == "score" and config.score.get("t_sampling", "uniform") != "uniform":
+    raise ValueError(f"score.t_sampling={config.score.t_sampling!r}: TorchTrainer draws t ~ U(t_eps, 1) "
+                     "only; time the uniform case")
+  return TorchTrainer(module, role, config_lib.model_train_config(config, role),
+                      jg.VPSDE(config.sde.beta_min, config.sde.beta_max), config.score.p_uncond,
+                      device, dtype, config.score.get("weighting", "eps"),
+                      config.score.get("min_snr_gamma", 5.0))
 
 
 def precision_census(loss_fn, params, batch) -> dict[str, Any]:
@@ -716,10 +753,14 @@ def bench_train(b: Bench, role: str, dtype_name: str) -> None:
     return
   spec = config_lib.model_spec(role, config, types.SimpleNamespace(num_classes=NUM_CLASSES, shape=SHAPE))
   tx = train_lib.make_optimizer(tc)
-  state = train_lib.create_train_state(jax.random.PRNGKey(3), spec.model, spec.init_args, tx, tc.ema_decay)
   params = jax.device_get(b.params[role])
-  state = parallel.replicate(state.replace(params=params, ema_params=jax.tree.map(np.copy, params),
-                                           opt_state=tx.init(params)), b.mesh)
+  # create_train_state's state around the benchmark's parameters: its init (a compile of seconds)
+  # would make parameters that are replaced.
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               ema_params=jax.tree.map(np.copy, params), opt_state=tx.init(params),
+                               rng=jax.random.split(jax.random.PRNGKey(3))[1], tx=tx,
+                               ema_decay=tc.ema_decay)
+  state = parallel.replicate(state, b.mesh)
   rng = np.random.default_rng(2)
   host = {"image": rng.uniform(-1, 1, (tc.batch_size,) + SHAPE).astype(np.float32),
           "label": (np.arange(tc.batch_size) % NUM_CLASSES).astype(np.int32)}
@@ -735,8 +776,7 @@ def bench_train(b: Bench, role: str, dtype_name: str) -> None:
     holder[0], metrics = compiled(holder[0], batch)
     return metrics
   module = torch_nets.load_flax_params(build_torch(b.config, role, dropout=True), params).to(b.device)
-  trainer = TorchTrainer(module, role, tc, jg.VPSDE(config.sde.beta_min, config.sde.beta_max),
-                         config.score.p_uncond, b.device, DTYPES[dtype_name][1])
+  trainer = torch_trainer(config, role, module, b.device, DTYPES[dtype_name][1])
   t_x, t_y = to_torch(host["image"], b.device, nchw=True), to_torch(host["label"], b.device).long()
   calls, syncs = [jax_call, lambda: trainer(t_x, t_y)], [b.jax_sync, b.torch_sync]
   inner = [calibrate(c, s, b.args.min_run_s) for c, s in zip(calls, syncs)]
@@ -755,15 +795,21 @@ def bench_train(b: Bench, role: str, dtype_name: str) -> None:
 
 
 def build_torch(config, role: str, dropout: bool = False) -> torch.nn.Module:
-  """The PyTorch twin of `config.<role>.model` (dropout 0 unless `dropout`: sampling is eval)."""
+  """The PyTorch twin of `config.<role>.model`, as config_lib.build_model builds the Flax one: a
+  score network with `param='v'` wrapped in torch_nets.VPrediction (dropout 0 unless `dropout`:
+  sampling is eval)."""
   kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-        for k, v in config[role].model.to_dict().items() if k != "arch"}
+        for k, v in config[role].model.to_dict().items() if k not in ("arch", "param")}
   if not dropout:
     kw["dropout"] = 0.0
-  if role == "score":
-    return torch_nets.UNet(NUM_CLASSES, in_ch=SHAPE[-1], image_size=SHAPE[0], **kw)
-  kw.pop("attn_resolutions", None)
-  return torch_nets.NoisyClassifier(NUM_CLASSES, in_ch=SHAPE[-1], image_size=SHAPE[0], **kw)
+  if role != "score":
+    kw.pop("attn_resolutions", None)
+    return torch_nets.NoisyClassifier(NUM_CLASSES, in_ch=SHAPE[-1], image_size=SHAPE[0], **kw)
+  net = torch_nets.UNet(NUM_CLASSES, in_ch=SHAPE[-1], image_size=SHAPE[0], **kw)
+  param = config[role].model.get("param", "eps")
+  if param not in config_lib.PARAMS:
+    raise ValueError(f"{role}.model.param={param!r}: use one of {config_lib.PARAMS}")
+  return torch_nets.VPrediction(net, config.sde.beta_min, config.sde.beta_max) if param == "v" else net
 
 
 def device_name(device: str) -> str:
@@ -786,16 +832,19 @@ def make_bench(args, preset: dict) -> Bench:
     sys.exit(f"--preset gpu needs CUDA in both frameworks: torch sees cuda={torch.cuda.is_available()}, "
              f"jax's backend is {jax.default_backend()!r}")
   config = mnist.get_config(preset["config"])
-  # The bare networks, as the PyTorch ports are: v-prediction's wrapper (score.model.param) is two
-  # elementwise operations on top, the same on both sides.
-  config.score.model.param = "eps"
+  if preset["smoke"]:
+    for role in ("score", "classifier"):
+      config[role].model.update(SMOKE_MODEL)
+      config[role].train.batch_size = preset["batch"]
+    config.score.model.attn_resolutions = ()     # one level: no feature map of the preset's sizes
+  sde = jg.VPSDE(config.sde.beta_min, config.sde.beta_max)
   mesh = parallel.data_mesh(jax.local_devices())
   flax_nets, params, t_nets = {}, {}, {}
   dummy = jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
   for i, role in enumerate(("score", "classifier")):
     for dtype_name in ("float32", "bfloat16"):
       flax_nets[role, dtype_name] = config_lib.build_model(config[role].model, NUM_CLASSES,
-                                                           DTYPES[dtype_name][0])
+                                                           DTYPES[dtype_name][0], sde, role)
     init_args = dummy if role == "score" else dummy[:2]
     p = random_params(flax_nets[role, "float32"], init_args, seed=10 * i)
     t_nets[role] = torch_nets.load_flax_params(build_torch(config, role), p).to(device).eval()
@@ -821,8 +870,9 @@ def run_all(b: Bench) -> None:
   if p["grid_batch"]:
     bench_sampling(b, "classifier", p["grid_batch"], p["steps"], "float32")
   large = sorted(p["dtypes"], key=lambda d: d == "float32")      # bf16 first where there is one
-  for mode in ("classifier", "unguided", "cfg"):
-    bench_sampling(b, mode, p["large_batch"], p["large_steps"], large[0])
+  if (p["large_batch"], p["large_steps"], large[0]) != (p["batch"], p["steps"], "float32"):
+    for mode in ("classifier", "unguided", "cfg"):     # not the same records again (--smoke)
+      bench_sampling(b, mode, p["large_batch"], p["large_steps"], large[0])
   for dtype_name in large:
     for role in ("score", "classifier"):
       bench_train(b, role, dtype_name)
@@ -855,7 +905,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--json", required=True, help="output file: a list of records")
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--quick", action="store_true",
-                      help=f"smoke run: {QUICK} (the records' names say the step counts)")
+                      help=f"short run: {QUICK} (the records' names say the step counts)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="every check and record once on tiny networks and sizes, in seconds "
+                           "(CI: the script runs; no timing means anything)")
   parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, quick 2)")
   parser.add_argument("--steps", type=int, help="sampling steps at the small batch (1000)")
   parser.add_argument("--large-batch", type=int)
@@ -867,8 +920,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="float32 products on GPU: TF32 on both sides, or IEEE float32")
   parser.add_argument("--clf-scale", type=float, default=8.0, help="classifier guidance w")
   parser.add_argument("--cfg-scale", type=float, default=3.0, help="CFG s")
-  parser.add_argument("--min-run-s", type=float, default=0.2,
-                      help="short calls are repeated within one timed run to last this long")
+  parser.add_argument("--min-run-s", type=float,
+                      help="short calls are repeated within one timed run to last this long "
+                           "(default 0.2, --smoke 0)")
   parser.add_argument("--only", default="", help="regex: run only the records it matches")
   parser.add_argument("--budget-s", type=float,
                       help="start no record after this many seconds, so that a run under a hard "
@@ -892,6 +946,10 @@ def configure(args) -> dict:
   preset = dict(PRESETS[args.preset])
   if args.quick:
     preset.update(QUICK)
+  if args.smoke:
+    preset.update(SMOKE)
+  if args.min_run_s is None:
+    args.min_run_s = 0.0 if args.smoke else 0.2
   if args.budget_s is None:
     args.budget_s = preset["budget_s"]
   for key in ("repeats", "steps", "large_batch", "large_steps"):

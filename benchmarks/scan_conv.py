@@ -4,9 +4,10 @@ inside one `lax.scan` (how every sampler runs), fully unrolled, and as a Python 
 compiled step — with flax's convolutions on `lax.conv_general_dilated` ("lax") and on
 `jaxguide.conv.conv_general_dilated` ("jaxguide"). Random weights: speed does not depend on them.
 
-  python benchmarks/scan_conv.py [--batch 8] [--devices 1]
+  python benchmarks/scan_conv.py [--batch 8] [--devices 1] [--smoke]
 
 Prints one JSON line per (convolution, loop): milliseconds per guided step, median of 5 runs.
+--smoke: networks of one level of 8 channels, 2 steps, 1 run: that the script runs (CI).
 """
 import argparse
 import functools
@@ -18,8 +19,13 @@ import time
 parser = argparse.ArgumentParser()
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--devices", type=int, default=1)
+parser.add_argument("--smoke", action="store_true", help="tiny networks, 2 steps, 1 run (CI)")
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+# The device count replaces any in XLA_FLAGS; the other flags there stay.
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG)]
+    + [f"{DEVICES_FLAG}={args.devices}"])
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -32,20 +38,27 @@ from configs import mnist  # noqa: E402
 from jaxguide import config_lib, conv, guidance, nets, score  # noqa: E402
 from jaxguide.sde import VPSDE  # noqa: E402
 
-STEPS = 24
+STEPS, RUNS = (2, 1) if args.smoke else (24, 5)
+SMOKE_MODEL = dict(ch=8, ch_mult=(1,), groups=4)
 
 
 def guided_step(conv_fn):
   nets.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_fn)   # what the modules build
   config = mnist.get_config("quick")
   config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
+  if args.smoke:
+    config.score.model.update(SMOKE_MODEL)
+    config.classifier.model.update(SMOKE_MODEL)
   unet = config_lib.build_model(config.score.model, 10, jnp.float32)
   clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
   b = args.batch
   x, t, y = jnp.zeros((b, 28, 28, 1)), jnp.full((b,), 0.5), jnp.arange(b) % 10
-  params = {"score": unet.init(jax.random.PRNGKey(0), x, t, y)["params"],
-            "classifier": clf.init(jax.random.PRNGKey(1), x, t)["params"]}
-  params = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(2), p.shape) * 0.1, params)
+  # Shapes only, filled with numpy's noise: an eager init of the UNet, or jax.random per leaf
+  # (one threefry compile per shape), spends seconds on values that do not change the speed.
+  params = {"score": jax.eval_shape(unet.init, jax.random.PRNGKey(0), x, t, y)["params"],
+            "classifier": jax.eval_shape(clf.init, jax.random.PRNGKey(1), x, t)["params"]}
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32), params)
   sde = VPSDE()
 
   def eps(p, x, t):
@@ -58,7 +71,7 @@ def guided_step(conv_fn):
 def timed(fn, *a):
   fn(*a).block_until_ready()
   runs = []
-  for _ in range(5):
+  for _ in range(RUNS):
     start = time.perf_counter()
     fn(*a).block_until_ready()
     runs.append(time.perf_counter() - start)

@@ -1,12 +1,15 @@
-"""PyTorch eager twins of jaxguide's `UNet` and `NoisyClassifier`, and the Flax → PyTorch weight port.
+"""PyTorch eager twins of jaxguide's `UNet` and `NoisyClassifier` (and of `score.VPrediction`, the
+v-prediction reading of a UNet that `score.model.param = "v"` asks for), and the Flax → PyTorch
+weight port.
 
 Benchmark-only: torch is the optional `bench` extra and nothing in jaxguide/ imports this file.
 
 Every layer mirrors `jaxguide/nets.py` one for one (GroupNorm ε = 1e-5, SiLU, FiLM scale-shift,
 nearest ×2 up-sampling, stride-2 down-sampling with Flax's asymmetric SAME padding, the label
 embedding with its null row, single-head attention), and every submodule carries the name Flax
-gives it (`Encoder_0.ResBlock_1.Conv_0`), so that `port_params` is a mechanical renaming plus the
-layout changes below, and `load_state_dict(strict=True)` proves that no parameter was missed:
+gives it (`Encoder_0.ResBlock_1.Conv_0`; under `net.` in a v-prediction wrapper), so that
+`port_params` is a mechanical renaming plus the layout changes below, and
+`load_state_dict(strict=True)` proves that no parameter was missed:
 
   Flax Conv kernel  (H, W, I, O)  →  PyTorch Conv2d weight (O, I, H, W)
   Flax Dense kernel (I, O)        →  PyTorch Linear weight (O, I)
@@ -35,6 +38,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
   args = t[:, None] * freqs[None, :]
   emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
   return F.pad(emb, (0, dim - 2 * half))
+
+
+def marginal_coeffs(t: torch.Tensor, beta_min: float, beta_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+  """jaxguide.sde.VPSDE.marginal_coeffs: (α(t), σ(t)) of the linear-β VP-SDE, float32."""
+  t = t.to(torch.float32)
+  log_alpha = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+  return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
 
 
 class Conv(nn.Conv2d):
@@ -256,6 +266,21 @@ class UNet(nn.Module):
     return self.conv_out(F.silu(self.GroupNorm_0(h))).float()
 
 
+class VPrediction(nn.Module):
+  """jaxguide.score.VPrediction: `net`'s output read as v = α ε − σ x₀ and returned as
+  ε = α v + σ x (jaxguide.score.v_to_eps), α and σ of the VP-SDE with these β's. The wrapped
+  network's parameters sit under `net`, as Flax's do."""
+
+  def __init__(self, net: nn.Module, beta_min: float, beta_max: float):
+    super().__init__()
+    self.net, self.beta_min, self.beta_max = net, beta_min, beta_max
+
+  def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    v = self.net(x, t, y)
+    alpha, sigma = (c[:, None, None, None] for c in marginal_coeffs(t, self.beta_min, self.beta_max))
+    return alpha * v + sigma * x.to(torch.float32)
+
+
 class NoisyClassifier(nn.Module):
   """p_t(y | x_t): forward(x (B,C,H,W), t (B,)) -> logits (B, num_classes), float32."""
 
@@ -291,7 +316,8 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
 
 
 def port_params(flax_params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-  """A PyTorch state_dict (float32, CPU) from a Flax `params` tree of `UNet` or `NoisyClassifier`.
+  """A PyTorch state_dict (float32, CPU) from a Flax `params` tree of `UNet`, `NoisyClassifier` or
+  `score.VPrediction` (its 'net' subtree becomes `net.`).
 
   Also ports any tree of the same structure, e.g. gradients, for comparing them with `.grad`.
   """

@@ -1,10 +1,13 @@
 """Sizing the CPU preset: one jitted training step (MSE ε-loss or cross-entropy + adam) at batch
 64 on 28x28x1 for UNets and noisy classifiers of several widths, on one XLA device.
 
-  python benchmarks/unet_sizes.py [unet16_r1 clf16 ...]
+  python benchmarks/unet_sizes.py [unet16_r1 clf16 ...] [--batch 64] [--repeats 7] [--smoke]
 
 Prints one JSON line per network: parameters, compile seconds, median / best step ms, images/s.
+--smoke builds each named network of one level of 8 channels instead (UNet or classifier as
+named): that the script runs, not how fast (CI).
 """
+import argparse
 import json
 import os
 import sys
@@ -64,8 +67,26 @@ CONFIGS = {
     "clf32": (lambda: nets.NoisyClassifier(10, ch=32), "clf"),
 }
 
-if __name__ == "__main__":
-  names = [a for a in sys.argv[1:] if a in CONFIGS] or list(CONFIGS)
-  for name in names:
+SMOKE = {"eps": lambda: nets.UNet(10, ch=8, ch_mult=(1,), groups=4),
+         "clf": lambda: nets.NoisyClassifier(10, ch=8, ch_mult=(1,), groups=4)}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("names", nargs="*", metavar="NAME",
+                      help=f"networks to time (default all): {', '.join(CONFIGS)}")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=7, help="timed steps after the first")
+  parser.add_argument("--smoke", action="store_true", help="tiny networks of the named kinds (CI)")
+  args = parser.parse_args(argv)
+  unknown = [n for n in args.names if n not in CONFIGS]
+  if unknown:
+    parser.error(f"unknown network(s) {', '.join(unknown)}: use {', '.join(CONFIGS)}")
+  for name in args.names or list(CONFIGS):
     make, kind = CONFIGS[name]
-    print(name, json.dumps(bench(make(), kind)), flush=True)
+    model = SMOKE[kind]() if args.smoke else make()
+    print(name, json.dumps(bench(model, kind, args.batch, args.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,6 +1,8 @@
 """The benchmark's PyTorch twins (benchmarks/torch_nets.py) are jaxguide's networks: ported weights
-give the same outputs and gradients, and the eager Euler–Maruyama loop of benchmarks/run.py is
-jaxguide's. Skipped where torch (the `bench` extra) is not installed, as in CI.
+give the same outputs and gradients (the UNet also as a v-prediction, score.model.param = "v"),
+benchmarks/run.py builds the twin of every preset's networks and weights the ε-loss as jaxguide
+does, and its eager Euler–Maruyama loop is jaxguide's. Skipped where torch (the `bench` extra) is
+not installed, unless JAXGUIDE_REQUIRE_BENCH=1 (as in CI), when they fail.
 Tiny networks on 8x8 images keep every compile to a second or two."""
 from __future__ import annotations
 
@@ -11,27 +13,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import conftest
+
+conftest.need_torch()
+import torch  # noqa: E402
 # Tiny networks: more threads only add synchronisation, and cost seconds on a loaded machine.
 torch.set_num_threads(1)
 
 from benchmarks import run as bench  # noqa: E402
 from benchmarks import torch_nets  # noqa: E402
+from configs import mnist  # noqa: E402
 import jaxguide as jg  # noqa: E402
-from jaxguide import nets  # noqa: E402
+from jaxguide import config_lib, losses, nets, score  # noqa: E402
 
 K = 10
 SHAPE = (8, 8, 1)          # two levels (8 -> 4)
 KW = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1)
+SDE = jg.VPSDE(0.1, 20.0)  # not the default β's: the twin must take the run's
 
 
-def _nets(attn=(4,)):
-  """Flax and ported PyTorch UNet and classifier, float32, random weights."""
+def _nets(attn=(4,), param="eps"):
+  """Flax and ported PyTorch UNet (read as a v-prediction where `param` is "v") and classifier,
+  float32, random weights."""
   unet, clf = nets.UNet(K, attn_resolutions=attn, **KW), nets.NoisyClassifier(K, **KW)
+  t_unet = torch_nets.UNet(K, image_size=SHAPE[0], attn_resolutions=attn, **KW)
+  if param == "v":
+    unet, t_unet = score.VPrediction(unet, SDE), torch_nets.VPrediction(t_unet, SDE.beta_min, SDE.beta_max)
   x, t, y = jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
   unet_p, clf_p = bench.random_params(unet, (x, t, y), 0), bench.random_params(clf, (x, t), 1)
-  t_unet = torch_nets.load_flax_params(
-      torch_nets.UNet(K, image_size=SHAPE[0], attn_resolutions=attn, **KW), unet_p)
+  t_unet = torch_nets.load_flax_params(t_unet, unet_p)
   t_clf = torch_nets.load_flax_params(torch_nets.NoisyClassifier(K, image_size=SHAPE[0], **KW), clf_p)
   return unet, clf, unet_p, clf_p, t_unet.eval(), t_clf.eval()
 
@@ -39,7 +49,10 @@ def _nets(attn=(4,)):
 class PortTest(chex.TestCase):
 
   def test_outputs_and_gradients_match(self):
-    unet, clf, unet_p, clf_p, t_unet, t_clf = _nets()
+    # The v-prediction UNet, as both presets train it: the twin's UNet inside its wrapper, and the
+    # wrapper's ε = α v + σ x with the SDE's α, σ. The plain ε-network is the EM test's.
+    unet, clf, unet_p, clf_p, t_unet, t_clf = _nets(param="v")
+    self.assertEqual(set(unet_p), {"net"})
     errors = bench.check_port(unet, clf, unet_p, clf_p, t_unet, t_clf, batch=4, shape=SHAPE)
     self.assertLessEqual(errors["unet"], bench.PORT_TOL)
     self.assertLessEqual(errors["classifier"], bench.PORT_TOL)
@@ -64,6 +77,23 @@ class PortTest(chex.TestCase):
     with self.assertRaises(RuntimeError):          # the attention block's weights are missing
       torch_nets.load_flax_params(torch_nets.UNet(K, image_size=SHAPE[0], attn_resolutions=(4,), **KW),
                                   unet_p)
+
+  def test_twins_of_every_preset(self):
+    """run.build_torch builds what config_lib.build_model builds from each configs/mnist.py preset
+    the benchmark runs: every model field taken (a field the twin lacks raises), the v-prediction
+    wrapper where score.model.param says "v", and the Flax parameters load strictly."""
+    x, t, y = jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    for preset in sorted({p["config"] for p in bench.PRESETS.values()}):
+      config = mnist.get_config(preset)
+      sde = jg.VPSDE(config.sde.beta_min, config.sde.beta_max)
+      for i, (role, args) in enumerate((("score", (x, t, y)), ("classifier", (x, t)))):
+        flax_net = config_lib.build_model(config[role].model, K, jnp.float32, sde, role)
+        twin = bench.build_torch(config, role)
+        torch_nets.load_flax_params(twin, bench.random_params(flax_net, args, i))
+        wrapped = isinstance(twin, torch_nets.VPrediction)
+        self.assertEqual(wrapped, role == "score" and config.score.model.param == "v", (preset, role))
+        if wrapped:
+          self.assertEqual((twin.beta_min, twin.beta_max), (sde.beta_min, sde.beta_max))
 
   def test_strided_same_padding_on_odd_sizes(self):
     # 7 -> 4 pads (1, 1) and 8 -> 4 pads (0, 1): Flax's SAME, which no symmetric padding matches.
@@ -99,3 +129,15 @@ class EulerMaruyamaTest(chex.TestCase):
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(bench.from_torch(got, nhwc=True), expected,
                                atol=bench.EM_TOL * max(scale, 1.0))
+
+
+def test_loss_weight_is_jaxguides():
+  """TorchTrainer's w(t) is losses.loss_weight for every weighting, near t = 0 and 1 too."""
+  t = np.array([1e-3, 0.05, 0.3, 0.5, 0.9, 1.0], np.float32)
+  for weighting in losses.WEIGHTINGS:
+    expected = losses.loss_weight(SDE, jnp.asarray(t), weighting, 3.0)
+    got = bench.torch_loss_weight(SDE, torch.from_numpy(t), weighting, 3.0)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-5, err_msg=weighting)
+  assert not np.allclose(bench.torch_loss_weight(SDE, torch.from_numpy(t), "v", 3.0), 1.0)
+  with pytest.raises(ValueError, match="weighting"):
+    bench.torch_loss_weight(SDE, torch.from_numpy(t), "snr", 3.0)

@@ -28,7 +28,7 @@ def _label_and_vector_unets():
   vector = nets.UNet(num_classes=K, ch=8, ch_mult=(1, 2), groups=4, cond_dim=K + 1)
   x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
   t = jnp.linspace(0.1, 0.9, 6)
-  p_label = label.init(jax.random.PRNGKey(1), x, t, jnp.zeros(6, jnp.int32))["params"]
+  p_label = jax.jit(label.init)(jax.random.key(1, impl="rbg"), x, t, jnp.zeros(6, jnp.int32))["params"]
   p_vector = dict(p_label)
   table = p_label["label_emb"]["embedding"]                 # (K + 1, E), row K is ∅
   del p_vector["label_emb"]

@@ -40,6 +40,25 @@ def _never_reads_the_user_cache():
                 "$JAXGUIDE_DATA, never the user's cache", pytrace=False)
 
 
+def skip_or_fail(env: str, reason: str) -> None:
+  """Skips the calling test (or module, at import) for `reason`; fails it instead where the
+  variable `env` is 1, as CI sets it: there the missing piece is required, not optional."""
+  if os.environ.get(env) == "1":
+    pytest.fail(f"{reason} ({env}=1: required)", pytrace=False)
+  pytest.skip(reason, allow_module_level=True)
+
+
+BENCH_MISSING = "torch missing: pip install torch==2.13.0 then -e .[bench]"
+
+
+def need_torch() -> None:
+  """The bench extra's torch is importable, or the test skips (fails under JAXGUIDE_REQUIRE_BENCH=1).
+  Looks the package up without importing it (seconds) for tests that run it in a subprocess."""
+  import importlib.util
+  if importlib.util.find_spec("torch") is None:
+    skip_or_fail("JAXGUIDE_REQUIRE_BENCH", BENCH_MISSING)
+
+
 @pytest.fixture
 def toy_config():
   """toy2d with a tiny MLP and few steps: a whole score+classifier run takes seconds."""

@@ -37,7 +37,7 @@ class ConvTest(parameterized.TestCase):
     # loops (5x slower here); every convolution of a scanned classifier gradient must be `01io`.
     model = nets.NoisyClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
     x = jnp.zeros((2, 8, 8, 1))
-    params = model.init(jax.random.PRNGKey(0), x, jnp.ones(2))["params"]
+    params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, jnp.ones(2))["params"]
 
     def step(x, t):
       grad = jax.grad(lambda x: jnp.sum(model.apply({"params": params}, x, jnp.full(2, t))[:, 0]))

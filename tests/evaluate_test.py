@@ -104,7 +104,7 @@ class EvaluatorMetricsTest(chex.TestCase):
   @staticmethod
   def _train(spec, train, steps):
     opt = optax.adam(3e-3)
-    params = spec.model.init(jax.random.PRNGKey(0), *spec.init_args)["params"]
+    params = jax.jit(spec.model.init)(jax.random.PRNGKey(0), *spec.init_args)["params"]
 
     @jax.jit
     def step(params, opt_state, batch, key):

@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from jaxguide import gmm, guidance, samplers
@@ -294,6 +295,7 @@ print(json.dumps({"devices": jax.device_count(), "max_err": float(jnp.max(jnp.ab
 """
 
 
+@pytest.mark.integration
 class MultiDeviceCfgTest(chex.TestCase):
   """On 8 (fake CPU) devices with the batch split over them, CFG equals its two-call definition
   with per-sample scales, keeps the split (no gather of the batch) and leaves it split."""

@@ -91,6 +91,7 @@ def quiet(text: str) -> bool:
 
 
 @pytest.mark.cpu_exact
+@pytest.mark.integration
 def test_two_processes_equal_two_devices(tmp_path):
   from tests.train_test import final_tree
   two, one = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
@@ -133,6 +134,7 @@ def test_other_processes_write_only_checkpoints(toy_config, tmp_path, monkeypatc
   assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 
+@pytest.mark.integration
 def test_refused_before_anything_is_written(tmp_path):
   """train.num_devices with several processes, and a global batch the devices do not divide:
   every process exits 2 with one line, and the workdir is not created."""
@@ -213,6 +215,7 @@ def logged_steps(workdir) -> list[int]:
 
 
 @pytest.mark.cpu_exact
+@pytest.mark.integration
 def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactly(straight, tmp_path):
   """One chain of the same 2-process command: a SIGTERM to process 1 mid-run stops both after the
   same step (each saves its part of that checkpoint, both exit 0); then a SIGKILL of process 0 after
@@ -267,6 +270,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactl
   assert quiet(runs[1]["out"]) and quiet(runs[1]["err"]), runs[1]
 
 
+@pytest.mark.integration
 def test_sample_two_processes_write_what_one_process_writes(straight, tmp_path):
   """sample.py on 2 processes x 1 device: process 0 writes samples.npz equal to 1 process x 2
   devices' (the same global mesh), the same files and report; process 1 writes and prints nothing
@@ -294,6 +298,7 @@ def test_sample_two_processes_write_what_one_process_writes(straight, tmp_path):
   assert quiet(runs[1]["out"]) and quiet(runs[1]["err"]), runs[1]
 
 
+@pytest.mark.integration
 def test_sample_refusals_write_nothing(straight, tmp_path):
   """sample.py's bad distributed input: the flags half given (one process), and on 2 processes a
   call of 3 samples that 2 devices cannot split. One line, exit 2, no --out, the workdir as it was."""

@@ -48,9 +48,9 @@ def saved_tree(workdir, name="score"):
     ckpt.close()
 
 
-@pytest.mark.slow   # 40 s: two 1,500-step runs and a resume (pytest -m slow)
+@pytest.mark.integration
 def test_sigkill_at_random_step_then_same_command_resumes_exactly(tmp_path):
-  steps, every = 1500, 50
+  steps, every = 600, 50
   args = ["--config.models=score", f"--config.train.steps={steps}",
           f"--config.train.ckpt_every={every}", "--config.train.log_every=10"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

@@ -297,7 +297,10 @@ def test_matches_transformers(encoder):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
-    pytest.skip("needs torch and transformers (the bench extra)")
+    reason = 'needs torch and transformers: pip install -e ".[bench]"'
+    if os.environ.get("JAXGUIDE_REQUIRE_BENCH") == "1":
+      pytest.fail(f"{reason} (JAXGUIDE_REQUIRE_BENCH=1: required)", pytrace=False)
+    pytest.skip(reason)
   tokenizer = transformers.BertTokenizer(os.path.join(encoder.path, "vocab.txt"),
                                          do_lower_case=True)
   model = transformers.BertModel.from_pretrained(encoder.path).eval()

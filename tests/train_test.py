@@ -82,6 +82,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_eight_devices_equal_one(tmp_path):
   script = MULTI_DEVICE_SCRIPT.format(root=ROOT, tmp=str(tmp_path))
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -114,6 +115,7 @@ def test_nan_guard_keeps_last_good_checkpoint(toy_config, tmp_path):
   assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
 
 
+@pytest.mark.integration
 def test_sigterm_saves_and_exits_zero(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "train.py", "--config=configs/toy2d.py", f"--workdir={workdir}",
