@@ -146,6 +146,13 @@ def assert_ok(res: subprocess.CompletedProcess) -> None:
   assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
 
 
+def ok_json(res: subprocess.CompletedProcess, path: str):
+  """The JSON file a run that exited 0 wrote."""
+  assert_ok(res)
+  with open(path) as f:
+    return json.load(f)
+
+
 # --------------------------------------------------------------------- scripts on a trained workdir
 
 
@@ -161,9 +168,7 @@ def quality_run(runs, toy_run):
 
 def test_quality(quality_run, toy_run, runs):
   res, out = quality_run
-  assert_ok(res)
-  with open(out) as f:
-    result = json.load(f)
+  result = ok_json(res, out)
   assert result["workdir"] == toy_run and result["num_per_class"] == 2
   assert result["options"]["steps"] == 2 and finite(result["sample_s"])
   judge = result["evaluator"]
@@ -249,9 +254,7 @@ def test_text_prompts(text_run, runs):
   res = runs("benchmarks/text_prompts.py", "--workdir", text_run, "--scales", "1,2",
              "--num_per_prompt", "1", "--negative", "1,2", "--negative_scales", "1,2",
              "--num_negative", "2", "--steps", "2", "--json", out, "--plot", png)
-  assert_ok(res)
-  with open(out) as f:
-    result = json.load(f)
+  result = ok_json(res, out)
   assert result["workdir"] == text_run and result["steps"] == 2
   assert (result["held_out_prompts"], result["train_prompts"]) == (K, 2 * K)
   for split in ("held_out", "train"):
@@ -306,9 +309,7 @@ def test_gpu_check_run_flags(runs):
 def test_run(runs):
   conftest.need_torch()
   res = runs.result("run")
-  assert_ok(res)
-  with open(runs.path("run.json")) as f:
-    records = json.load(f)
+  records = ok_json(res, runs.path("run.json"))
   by_name = {r["name"]: r for r in records}
   assert set(by_name) == RUN_RECORDS and len(records) == len(RUN_RECORDS)
   for r in records:
@@ -327,9 +328,7 @@ def test_run(runs):
 def test_cpu_train_anatomy(runs):
   conftest.need_torch()
   res = runs.result("cpu_train_anatomy")
-  assert_ok(res)
-  with open(runs.path("anatomy.json")) as f:
-    report = json.load(f)
+  report = ok_json(res, runs.path("anatomy.json"))
   assert set(report) == {"width", "allreduce"}
   assert [r["label"] for r in report["width"]] == ["jaxguide ch=8", "pytorch ch=8"]
   for r in report["width"] + report["allreduce"]:
@@ -355,9 +354,7 @@ def test_cpu_sampling(runs):
 
 def test_cpu_dispatch(runs):
   res = runs.result("cpu_dispatch")
-  assert_ok(res)
-  with open(runs.path("dispatch.json")) as f:
-    report = json.load(f)
+  report = ok_json(res, runs.path("dispatch.json"))
   assert [r["wait"] for r in report["rows"]] == [False, True]
   for r in report["rows"]:
     assert r["rc"] == 0 and not r["aborted"] and finite(r["images_per_s"]), r

@@ -21,10 +21,10 @@ import chex
 import numpy as np
 import pytest
 
+import conftest
 from jaxguide import prepare, text
 from jaxguide.errors import ConfigError
 
-REQUIRE = os.environ.get("JAXGUIDE_REQUIRE_TEXT") == "1"
 # Files a sentence-transformers folder from a model hub has, the model's own ones.
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "sentence_bert_config.json",
                 "1_Pooling/config.json", "modules.json")
@@ -33,9 +33,7 @@ _PROMPTS = ["a handwritten seven", "", "A photo of a cat sitting on the mat.",
 
 
 def _skip_or_fail(reason: str):
-  if REQUIRE:
-    pytest.fail(f"{reason} (JAXGUIDE_REQUIRE_TEXT=1: required)", pytrace=False)
-  pytest.skip(reason)
+  conftest.skip_or_fail("JAXGUIDE_REQUIRE_TEXT", reason)
 
 
 def _need_extra():
@@ -297,10 +295,8 @@ def test_matches_transformers(encoder):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
-    reason = 'needs torch and transformers: pip install -e ".[bench]"'
-    if os.environ.get("JAXGUIDE_REQUIRE_BENCH") == "1":
-      pytest.fail(f"{reason} (JAXGUIDE_REQUIRE_BENCH=1: required)", pytrace=False)
-    pytest.skip(reason)
+    conftest.skip_or_fail("JAXGUIDE_REQUIRE_BENCH",
+                          'needs torch and transformers: pip install -e ".[bench]"')
   tokenizer = transformers.BertTokenizer(os.path.join(encoder.path, "vocab.txt"),
                                          do_lower_case=True)
   model = transformers.BertModel.from_pretrained(encoder.path).eval()
