@@ -170,16 +170,17 @@ def test_distributed_flags_passed():
 
 # ---------------------------------------------- preemption and resume; sampling across processes
 
-# The preemption runs and the trained run the sampling tests read: 200 steps, a checkpoint every
-# 50; train.py's final grids (where the run gets to them) tiny.
-LONG = ["--config.train.steps=200", "--config.train.ckpt_every=50", "--config.sample.steps=10",
+# The preemption runs and the trained run the sampling tests read: STEPS steps, a checkpoint
+# every CKPT; train.py's final grids (where the run gets to them) tiny.
+STEPS, CKPT = 120, 30
+LONG = [f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT}", "--config.sample.steps=10",
         "--config.sample.num_per_class=4"]
 SAMPLE = ["--steps=10", "--num_per_class=4", "--guidance=cfg", "--scale=1,3", "--evaluate"]
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-  """The uninterrupted 200-step run (1 process x 2 devices, which 2 processes x 1 device equal),
+  """The uninterrupted STEPS-step run (1 process x 2 devices, which 2 processes x 1 device equal),
   started at once so that it runs beside the first test that asks for it; calling the fixture's
   value waits for it and returns its workdir, also the trained run the sampling tests read."""
   logs = tmp_path_factory.mktemp("straight")
@@ -237,7 +238,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactl
   for r in runs:
     assert r["rc"] == 0 and "Traceback" not in r["err"], r["err"][-3000:]
   stopped = int(re.search(r"saved at step (\d+)", runs[0]["err"])[1])
-  assert 10 < stopped < 200, stopped   # mid-run: after the signal's step, before the end
+  assert 10 < stopped < STEPS, stopped   # mid-run: after the signal's step, before the end
   assert complete_steps(workdir)[-1] == stopped
   shares = os.listdir(os.path.join(workdir, "checkpoints", "score", str(stopped), "default"))
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shares), shares   # both saved that step
@@ -245,7 +246,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactl
   assert quiet(runs[1]["out"]), runs[1]["out"]
 
   procs = [start(args, 1, logs, f"kill{i}") for i, args in enumerate(command())]
-  following = (stopped // 50 + 1) * 50
+  following = (stopped // CKPT + 1) * CKPT
   wait_until(lambda: complete_steps(workdir)[-1] >= following, procs)
   procs[0].kill()
   procs[0].wait()
@@ -254,15 +255,15 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactl
   except subprocess.TimeoutExpired:
     kill(procs)
   assert procs[0].returncode == -signal.SIGKILL
-  assert complete_steps(workdir)[-1] < 200
+  assert complete_steps(workdir)[-1] < STEPS
 
   runs = launch(command(), 1, logs, "again")
   for r in runs:
     assert r["rc"] == 0, r["err"][-3000:]
   (step_a, a), (step_b, b) = saved_tree(straight()), saved_tree(workdir)
-  assert step_a == step_b == 200
+  assert step_a == step_b == STEPS
   chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0)
-  assert logged_steps(workdir) == list(range(10, 201, 10))
+  assert logged_steps(workdir) == list(range(10, STEPS + 1, 10))
   # The final grids, sampled by both processes, written and reported by process 0 alone.
   report = json.loads(runs[0]["out"][runs[0]["out"].index("{"):])
   assert report["grids"]["cfg"]["files"][0] == os.path.join(workdir, "samples", "cfg", "samples.npz")

@@ -291,9 +291,11 @@ class GroupNormTest(chex.TestCase, parameterized.TestCase):
     ours = nets.GroupNorm(groups, impl=impl)
     variables = _random_variables(ref, x)
     self.assertEqual(jax.tree.structure(variables), jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)))
-    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=2e-5)
-    loss = lambda m: lambda x: jnp.sum(jnp.sin(m.apply(variables, x)))
-    np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(ref))(x), atol=2e-5)
+    # Jitted: op-by-op dispatch of the norms and their gradients is most of an eager test's time.
+    apply = lambda m: jax.jit(lambda x: m.apply(variables, x))
+    np.testing.assert_allclose(apply(ours)(x), apply(ref)(x), atol=2e-5)
+    loss = lambda m: jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(variables, x)))))
+    np.testing.assert_allclose(loss(ours)(x), loss(ref)(x), atol=2e-5)
 
   def test_bfloat16_output_float32_statistics(self):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 4, 8)) * 100 + 1000, jnp.float32)
