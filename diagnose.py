@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any
 
-from jaxguide import cli, cpu   # before jax: jaxguide loads lazily, so jax has not started yet
+from jaxguide import cli
+from jaxguide import cpu
 
 if __name__ == "__main__":
   cpu.tune_host_malloc()   # on a CPU host: re-executes with glibc backing XLA's per-step buffers by huge pages
@@ -26,7 +27,14 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxguide import data, diagnostics, pipeline, plotting, sample_lib, samplers
+from jaxguide import data
+from jaxguide.evaluation import diagnostics
+from jaxguide import pipeline
+from jaxguide.evaluation import plotting
+from jaxguide import samplers
+from jaxguide.guidance import registry
+from jaxguide.cli import sample_output
+from jaxguide.cli import sample_request
 from jaxguide.errors import ConfigError
 
 IMAGE_FIGURES = ("confidence", "gradients", "grid", "gif")
@@ -51,7 +59,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_float("t_eps", None, "The smallest time (default: the config's train.t_eps).",
                      flag_values=fv)
-  flags.DEFINE_enum("guidance", None, list(pipeline.GUIDANCES),
+  flags.DEFINE_enum("guidance", None, list(registry.NAMES),
                     "Grid and GIF guidance (default: classifier if one was trained, else cfg).",
                     flag_values=fv)
   flags.DEFINE_float("scale", None, "Grid and GIF scale (default: the config's sample.clf_scale / cfg_scale).",
@@ -174,7 +182,7 @@ def _draw_samples(f, run, figures: list[str], plan: dict, out: str) -> list[str]
                              sampler=plan["sampler"], steps=plan["steps"],
                              clf_scale=float(run.config.sample.clf_scale), return_trajectory=gif,
                              save_every=max(plan["steps"] // 20, 1),
-                             **sample_lib.config_options(run))   # the config's spacing, clip_x0
+                             **sample_request.config_options(run))   # the config's spacing, clip_x0
   x0, traj = result if gif else (result, None)
   stem = f"{plan['kind']}_s{plan['scale']:g}"
   files = []
@@ -232,7 +240,7 @@ def check(f: flags.FlagValues) -> tuple[pipeline.Run, list[str], Any, dict]:
 def main(argv, f: flags.FlagValues = FLAGS):
   cli.check_args(argv, f.workdir, WORKDIR_HINT)
   run, figures, example, plan = check(f)
-  out = sample_lib.prepare_out(f.out or os.path.join(f.workdir, "diagnostics"))
+  out = sample_output.prepare_out(f.out or os.path.join(f.workdir, "diagnostics"))
   t_eps = f.t_eps if f.t_eps is not None else float(run.config.train.t_eps)
   files = []
   if set(figures) & {"confidence", "gradients"}:

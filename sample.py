@@ -36,21 +36,26 @@ import json
 import os
 import sys
 
-from jaxguide import cli, cpu   # before jax: jaxguide loads lazily, so jax has not started yet
+from jaxguide import cli
+from jaxguide import cpu
 
 if __name__ == "__main__":
   cpu.tune_host_malloc()   # on a CPU host: re-executes with glibc backing XLA's per-step buffers by huge pages
 
 from absl import flags
 
-from jaxguide import parallel, pipeline, sample_lib
+from jaxguide import parallel
+from jaxguide import pipeline
+from jaxguide.guidance import registry
+from jaxguide.cli import sample_output
+from jaxguide.cli import sample_request
 
 WORKDIR_HINT = "the folder train.py wrote"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "A folder trained by train.py.", flag_values=fv)
-  flags.DEFINE_string("guidance", None, f"{' | '.join(pipeline.GUIDANCES)}, or a comma list of them "
+  flags.DEFINE_string("guidance", None, f"{' | '.join(registry.NAMES)}, or a comma list of them "
                       "to sweep, e.g. cfg,classifier. Default: the kinds --scale names, else cfg.",
                       flag_values=fv)
   flags.DEFINE_multi_string("scale", None, "LIST: scales for every --guidance kind without its own, "
@@ -121,12 +126,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   cli.check_args(argv, FLAGS.workdir, WORKDIR_HINT)
-  request = sample_lib.request_from_flags(FLAGS)   # flags alone: refused before any process connects
+  request = sample_request.request_from_flags(FLAGS)   # flags alone: refused before any process connects
   cli.start_distributed(FLAGS)
-  run, request = sample_lib.load_request(FLAGS.workdir, request, dtype=FLAGS.dtype)
-  out = sample_lib.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "samples"))
+  run, request = sample_request.load_request(FLAGS.workdir, request, dtype=FLAGS.dtype)
+  out = sample_output.prepare_out(FLAGS.out or os.path.join(FLAGS.workdir, "samples"))
   # Several processes: each samples its share of every batch; process 0 writes and prints.
-  summary = sample_lib.sample_and_write(run, request, out)
+  summary = sample_output.sample_and_write(run, request, out)
   if parallel.is_primary():
     print(json.dumps(summary, indent=2), file=sys.stdout)
 

@@ -5,7 +5,8 @@
 import json
 import sys
 
-from jaxguide import cli, cpu   # before jax: jaxguide loads lazily, so jax has not started yet
+from jaxguide import cli
+from jaxguide import cpu
 
 if __name__ == "__main__":
   cpu.tune_host_malloc()   # on a CPU host: re-executes with glibc backing XLA's per-step buffers by huge pages
@@ -14,7 +15,10 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from jaxguide import config_lib, sample_lib, train_lib
+from jaxguide import config as config_lib
+from jaxguide.cli import sample_output
+from jaxguide.cli import train_job
+from jaxguide import training
 
 WORKDIR_HINT = "the run folder (created, or resumed if it exists)"
 
@@ -38,17 +42,17 @@ def main(argv):
   cli.check_args(argv, FLAGS.workdir, WORKDIR_HINT)
   cli.start_distributed(FLAGS)
   try:
-    report = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-  except train_lib.Preempted as e:
+    report = train_job.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  except training.Preempted as e:
     if jax.process_index() == 0:
       print(str(e), file=sys.stderr)
     sys.exit(0)
-  except train_lib.Diverged as e:
+  except training.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if FLAGS.grids and "score" in config_lib.model_names(FLAGS.config):   # the grids show this command's score network
     # Several processes: each samples its share on the global mesh; process 0 writes.
-    report["grids"] = sample_lib.final_grids(FLAGS.workdir)
+    report["grids"] = sample_output.final_grids(FLAGS.workdir)
   if jax.process_index() == 0:   # several processes: process 0 alone prints
     print(json.dumps(report, indent=2), file=sys.stdout)
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxguide import cpu  # noqa: E402
+from jaxguide import cpu
 
 cpu.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py)
 cpu.split_host()
@@ -34,13 +34,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist  # noqa: E402
-from jaxguide import config_lib, guidance, nets, samplers, score  # noqa: E402
-from jaxguide.sde import VPSDE  # noqa: E402
+from jaxguide import guidance
+from jaxguide import samplers
+from jaxguide.diffusion import score
+from jaxguide import models
+from jaxguide.diffusion.sde import VPSDE  # noqa: E402
 
 STEPS = 20
 SMOKE_STEPS, SMOKE_MODEL = 2, dict(ch=8, ch_mult=(1,), groups=4)
 YNNPACK_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
-ORIGINAL_GROUP_NORM = nets.group_norm   # build() swaps nets.group_norm between the two
+ORIGINAL_GROUP_NORM = models.group_norm   # build() swaps models.group_norm between the two
 
 
 def flax_group_norm(num_groups, dtype=jnp.float32):
@@ -49,14 +52,14 @@ def flax_group_norm(num_groups, dtype=jnp.float32):
 
 def build(norm: str, part: str, batch: int, steps: int = STEPS, smoke: bool = False):
   """(jitted function of (params, key), params) for one GroupNorm and one part of the step."""
-  nets.group_norm = {"flax": flax_group_norm, "jaxguide": ORIGINAL_GROUP_NORM}[norm]
+  models.group_norm = {"flax": flax_group_norm, "jaxguide": ORIGINAL_GROUP_NORM}[norm]
   config = mnist.get_config("quick")
   config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
   if smoke:
     config.score.model.update(SMOKE_MODEL)
     config.classifier.model.update(SMOKE_MODEL)
-  unet = config_lib.build_model(config.score.model, 10, jnp.float32)
-  clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
+  unet = models.build_model(config.score.model, 10, jnp.float32)
+  clf = models.build_model(config.classifier.model, 10, jnp.float32)
   x, t = jnp.zeros((batch, 28, 28, 1)), jnp.full((batch,), 0.5)
   y = jnp.arange(batch, dtype=jnp.int32) % 10
   # Shapes only, filled with numpy's noise: an eager init of the UNet, or jax.random per leaf

@@ -32,7 +32,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from jaxguide import cpu  # noqa: E402
+from jaxguide import cpu
 
 CHILD = r"""
 import json, os, sys, time
@@ -65,17 +65,17 @@ if mode == "jax_step":
   import jax, jax.numpy as jnp, optax
   from jax.flatten_util import ravel_pytree
   from jax.sharding import PartitionSpec as P
-  from jaxguide import config_lib, data, parallel, train_lib
+  from jaxguide import config as config_lib, data, parallel, training
   c = config(args["ch"], args.get("smoke", False))
   ds = data.load("mnist5k")
-  spec = config_lib.model_spec("score", c, ds)
+  spec = training.model_spec("score", c, ds)
   tc = config_lib.model_train_config(c, "score")
   mesh = parallel.data_mesh(jax.devices())
-  state = parallel.replicate(train_lib.create_train_state(
-      jax.random.PRNGKey(0), spec.model, spec.init_args, train_lib.make_optimizer(tc), 0.99), mesh)
+  state = parallel.replicate(training.create_train_state(
+      jax.random.PRNGKey(0), spec.model, spec.init_args, training.make_optimizer(tc), 0.99), mesh)
   batch = parallel.shard_batch(data.batch_at(ds, 0, args["batch"], 0), mesh)
   if args["variant"] == "gspmd":
-    step = train_lib.make_train_step(spec.loss_fn, mesh)
+    step = training.make_train_step(spec.loss_fn, mesh)
   else:   # one flat psum of (loss, gradients); each device draws its own noise for its rows
     def train_step(state, batch):
       key = jax.random.fold_in(state.rng, state.step)

@@ -17,7 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from jaxguide import cpu  # noqa: E402
+from jaxguide import cpu
 
 CHILD = r"""
 import json, sys, time

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxguide import plotting  # noqa: E402
+from jaxguide.evaluation import plotting
 
 # Kinds whose neutral scale is the conditional network itself, and that scale.
 NEUTRAL = {"cfg": 1.0, "apg": 1.0, "autoguidance": 1.0, "classifier": 0.0, "x0_classifier": 0.0}

@@ -2,7 +2,7 @@
 
   python benchmarks/host_overhead.py [--batches 64,256] [--train_steps 1000] [--sample_steps 1000]
 
-Training runs `train_lib.train_model` as `train.py` does: the mnist5k batch stream, placement on
+Training runs `training.train_model` as `train.py` does: the mnist5k batch stream, placement on
 the `data` mesh, the jitted step, the metric checks and the checkpointer, with checkpoints and
 logs only at the last step. Its network is ε(x, t, y) = s·x (one parameter) and the ε-loss reads
 one pixel of each image, so the XLA computation costs microseconds and the loop's wall time per
@@ -35,7 +35,13 @@ if not any(os.path.isfile(os.path.join(p, "jaxguide", "__init__.py")) for p in s
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jaxguide as jg  # noqa: E402
 from configs import default  # noqa: E402
-from jaxguide import config_lib, data, losses, parallel, train_lib  # noqa: E402
+from jaxguide import data
+from jaxguide.diffusion import losses
+from jaxguide import parallel
+from jaxguide import config as config_lib
+from jaxguide import models
+from jaxguide.training import specs
+from jaxguide import training
 
 
 class ScaleNet(nn.Module):
@@ -69,7 +75,7 @@ def _spec_and_config(batch: int, steps: int):
                        "ckpt_every": steps, "warmup_steps": 1})
   ds = data.load("mnist5k")
   model = ScaleNet(ds.num_classes)
-  spec = config_lib.ModelSpec("score", model, config_lib.example_inputs("score", ds.shape),
+  spec = specs.ModelSpec("score", model, models.example_inputs("score", ds.shape),
                               one_pixel_loss(model, jg.VPSDE(), ds.num_classes), ds.num_classes)
   return spec, config, ds, parallel.data_mesh(jax.devices()[:1])
 
@@ -78,8 +84,8 @@ def train_step_us(batch: int, steps: int) -> float:
   """Wall µs per step of `train_model`'s loop in its steady state (its own throughput figure)."""
   spec, config, ds, mesh = _spec_and_config(batch, steps)
   with tempfile.TemporaryDirectory() as workdir:
-    writer = train_lib.MetricsWriter(workdir)
-    _, speed = train_lib.train_model(spec, config, workdir, ds, mesh, writer, progress=False)
+    writer = training.MetricsWriter(workdir)
+    _, speed = training.train_model(spec, config, workdir, ds, mesh, writer, progress=False)
   return 1e6 * batch / speed["images_per_s"]
 
 
@@ -88,9 +94,9 @@ def bare_step_us(batch: int, steps: int) -> float:
   small inline, so this is the floor of dispatch plus the CPU's own execution of the step."""
   spec, config, ds, mesh = _spec_and_config(batch, steps)
   tc = config_lib.model_train_config(config, "score")
-  state = parallel.replicate(train_lib.create_train_state(
-      jax.random.PRNGKey(0), spec.model, spec.init_args, train_lib.make_optimizer(tc), 0.99), mesh)
-  step = train_lib.make_train_step(spec.loss_fn, mesh)
+  state = parallel.replicate(training.create_train_state(
+      jax.random.PRNGKey(0), spec.model, spec.init_args, training.make_optimizer(tc), 0.99), mesh)
+  step = training.make_train_step(spec.loss_fn, mesh)
   host = getattr(data, "host_batch_at", data.batch_at)(ds, 0, batch, 0)   # what the loop places
   placed = parallel.shard_batch(host, mesh)
   state, metrics = step(state, placed)

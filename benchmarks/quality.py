@@ -25,21 +25,27 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxguide import checkpoint, config_lib, evaluate, pipeline, plotting, sample_lib  # noqa: E402
+from jaxguide.training import checkpoint
+from jaxguide import pipeline
+from jaxguide.evaluation import plotting
+from jaxguide.training import workdir as wd
+from jaxguide import models
+from jaxguide import evaluation
+from jaxguide.cli import sample_request
 
 
-def judge_of(workdir: str, run: pipeline.Run) -> evaluate.Judge:
+def judge_of(workdir: str, run: pipeline.Run) -> evaluation.Judge:
   """A Judge from another workdir's evaluator, on the run's own data splits."""
-  config = checkpoint.load_config(workdir)
+  config = wd.load_config(workdir)
   if config is None:
     raise SystemExit(f"error: --judge={workdir} holds no trained run (no config.json)")
-  model = config_lib.build_model(config.evaluator.model, run.num_classes, jnp.float32)
-  params = pipeline._restore_ema(workdir, "evaluator", model,
-                                 config_lib.example_inputs("evaluator", run.shape))
+  model = models.build_model(config.evaluator.model, run.num_classes, jnp.float32)
+  params = pipeline.restore_ema(workdir, "evaluator", model,
+                                 models.example_inputs("evaluator", run.shape))
   if params is None:
     raise SystemExit(f"error: --judge={workdir} has no evaluator checkpoint")
-  own = evaluate.run_judge(run)
-  return evaluate.Judge(evaluate.make_predict(model.apply, params), own.test, own.train)
+  own = evaluation.run_judge(run)
+  return evaluation.Judge(evaluation.make_predict(model.apply, params), own.test, own.train)
 
 
 def parse_scales(entries: list[str]) -> dict[str, list[float]]:
@@ -139,12 +145,12 @@ def main() -> None:
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
     flagged[name] = tuples(parsed)   # hashable: options key the compile cache
   opts = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
-          **sample_lib.config_options(run, flagged)}
-  judges = {"evaluator": evaluate.run_judge(run)}
+          **sample_request.config_options(run, flagged)}
+  judges = {"evaluator": evaluation.run_judge(run)}
   if args.judge:
     judges["judge2"] = judge_of(args.judge, run)
   start = time.perf_counter()
-  samples = evaluate.draw(run, jax.random.PRNGKey(args.seed), scales, list(range(run.num_classes)),
+  samples = evaluation.draw(run, jax.random.PRNGKey(args.seed), scales, list(range(run.num_classes)),
                           args.num_per_class, **opts)
   if len(run.shape) == 3:   # images are judged as sample.py writes them: clipped to [−1, 1]
     samples = [dataclasses.replace(s, images=np.clip(s.images, -1.0, 1.0)) for s in samples]
@@ -155,7 +161,7 @@ def main() -> None:
   for name, judge in judges.items():
     predicted = [judge.predict(group.images) for group in samples]
     predictions[name] = [pred for pred, _ in predicted]
-    rows, ref = evaluate.measure(judge, samples, predicted=predicted)
+    rows, ref = evaluation.measure(judge, samples, predicted=predicted)
     result[name] = {"floor": ref["floor"], "rows": rows, "summary": summarise(rows, ref["floor"])}
     test_acc = float(np.mean(judge.predict(judge.test.image)[0] == judge.test.label))
     result[name]["test_accuracy"] = test_acc

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxguide import plotting  # noqa: E402
+from jaxguide.evaluation import plotting
 
 
 def point(entry: str, judge: str = "evaluator") -> dict:

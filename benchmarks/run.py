@@ -21,7 +21,7 @@ is synthetic, since speed does not depend on the values. In order, it
  5. times one training step of the score network and of the classifier (AdamW after gradient
     clipping, EMA; the batch size of configs/mnist.py's preset).
 
-jaxguide runs its own jitted code (`jaxguide.sample`, `train_lib.make_train_step`); the PyTorch
+jaxguide runs its own jitted code (`jaxguide.sample`, `training.make_train_step`); the PyTorch
 side is an eager loop written here. JAX and PyTorch runs alternate; each time is the median of
 `--repeats` runs after a warm-up, and JAX's compile time is reported apart. Writes `--json FILE`
 (rewritten after every record, so a run cut short keeps what it measured): a list of records
@@ -29,7 +29,7 @@ side is an eager loop written here. JAX and PyTorch runs alternate; each time is
 table at the end.
 
 Presets (configs/mnist.py sizes the networks and the training batch; both sides build them as
-config_lib.build_model does, so a `score.model.param = "v"` UNet is read as a v-prediction
+models.build_model does, so a `score.model.param = "v"` UNet is read as a v-prediction
 on both, and the PyTorch training step weights its ε-loss by `score.weighting` as jaxguide's):
   cpu  mnist:quick networks (ch 16); sampling B=8 × 1000 steps and B=64 × 100 steps; training
        batch 64; float32. The JAX side splits the host into one XLA device per core as the scripts
@@ -68,7 +68,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from jaxguide import cpu  # noqa: E402  (loads lazily: jax is not started yet)
+from jaxguide import cpu
 
 if __name__ == "__main__":
   cpu.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py);
@@ -84,7 +84,13 @@ from torch.nn import functional as F  # noqa: E402
 import jaxguide as jg  # noqa: E402
 from benchmarks import torch_nets  # noqa: E402
 from configs import mnist  # noqa: E402
-from jaxguide import config_lib, guidance, losses, parallel, train_lib  # noqa: E402
+from jaxguide import guidance
+from jaxguide.diffusion import losses
+from jaxguide import parallel
+from jaxguide import config as config_lib
+from jaxguide import models
+from jaxguide.training import specs
+from jaxguide import training
 
 PORT_TOL = 1e-4         # float32 forward outputs, the issue's bound
 GRAD_TOL = 1e-3         # gradients, relative to their largest entry
@@ -642,7 +648,7 @@ def bench_sampling(b: Bench, mode: str, batch: int, steps: int, dtype_name: str)
 
 
 def lr_lambda(tc) -> Callable[[int], float]:
-  """train_lib.make_optimizer's schedule as a LambdaLR factor: linear warm-up, then constant or
+  """training.make_optimizer's schedule as a LambdaLR factor: linear warm-up, then constant or
   cosine decay to 0.1·lr (optax.warmup_cosine_decay_schedule)."""
   warmup, total = max(int(tc.warmup_steps), 1), max(int(tc.steps), int(tc.warmup_steps) + 1)
 
@@ -657,7 +663,7 @@ def lr_lambda(tc) -> Callable[[int], float]:
 
 
 def torch_loss_weight(sde: jg.VPSDE, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
-  """jaxguide.losses.loss_weight: w(t) (B,) on each sample's ε squared error, from λ(t) as
+  """jaxguide.diffusion.losses.loss_weight: w(t) (B,) on each sample's ε squared error, from λ(t) as
   jaxguide/sde.py computes it."""
   log_alpha = -0.25 * t**2 * (sde.beta_max - sde.beta_min) - 0.5 * t * sde.beta_min
   snr = torch.exp(2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha)))
@@ -751,12 +757,12 @@ def bench_train(b: Bench, role: str, dtype_name: str) -> None:
   name = f"train_{role}_B{tc.batch_size}" + ("" if dtype_name == "float32" else f"_{dtype_name}")
   if not b.wanted(name):
     return
-  spec = config_lib.model_spec(role, config, types.SimpleNamespace(num_classes=NUM_CLASSES, shape=SHAPE))
-  tx = train_lib.make_optimizer(tc)
+  spec = specs.model_spec(role, config, types.SimpleNamespace(num_classes=NUM_CLASSES, shape=SHAPE))
+  tx = training.make_optimizer(tc)
   params = jax.device_get(b.params[role])
   # create_train_state's state around the benchmark's parameters: its init (a compile of seconds)
   # would make parameters that are replaced.
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                ema_params=jax.tree.map(np.copy, params), opt_state=tx.init(params),
                                rng=jax.random.split(jax.random.PRNGKey(3))[1], tx=tx,
                                ema_decay=tc.ema_decay)
@@ -767,7 +773,7 @@ def bench_train(b: Bench, role: str, dtype_name: str) -> None:
   batch = parallel.shard_batch(host, b.mesh)
   census = precision_census(spec.loss_fn, jax.device_get(params), host)
   start = time.perf_counter()
-  compiled = train_lib.make_train_step(spec.loss_fn, b.mesh).lower(state, batch).compile()
+  compiled = training.make_train_step(spec.loss_fn, b.mesh).lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   flops = cost_flops(compiled, b.mesh.devices.size)
   holder = [state]
@@ -795,7 +801,7 @@ def bench_train(b: Bench, role: str, dtype_name: str) -> None:
 
 
 def build_torch(config, role: str, dropout: bool = False) -> torch.nn.Module:
-  """The PyTorch twin of `config.<role>.model`, as config_lib.build_model builds the Flax one: a
+  """The PyTorch twin of `config.<role>.model`, as models.build_model builds the Flax one: a
   score network with `param='v'` wrapped in torch_nets.VPrediction (dropout 0 unless `dropout`:
   sampling is eval)."""
   kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v
@@ -807,8 +813,8 @@ def build_torch(config, role: str, dropout: bool = False) -> torch.nn.Module:
     return torch_nets.NoisyClassifier(NUM_CLASSES, in_ch=SHAPE[-1], image_size=SHAPE[0], **kw)
   net = torch_nets.UNet(NUM_CLASSES, in_ch=SHAPE[-1], image_size=SHAPE[0], **kw)
   param = config[role].model.get("param", "eps")
-  if param not in config_lib.PARAMS:
-    raise ValueError(f"{role}.model.param={param!r}: use one of {config_lib.PARAMS}")
+  if param not in models.PARAMS:
+    raise ValueError(f"{role}.model.param={param!r}: use one of {models.PARAMS}")
   return torch_nets.VPrediction(net, config.sde.beta_min, config.sde.beta_max) if param == "v" else net
 
 
@@ -843,7 +849,7 @@ def make_bench(args, preset: dict) -> Bench:
   dummy = jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
   for i, role in enumerate(("score", "classifier")):
     for dtype_name in ("float32", "bfloat16"):
-      flax_nets[role, dtype_name] = config_lib.build_model(config[role].model, NUM_CLASSES,
+      flax_nets[role, dtype_name] = models.build_model(config[role].model, NUM_CLASSES,
                                                            DTYPES[dtype_name][0], sde, role)
     init_args = dummy if role == "score" else dummy[:2]
     p = random_params(flax_nets[role, "float32"], init_args, seed=10 * i)

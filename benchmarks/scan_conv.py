@@ -2,7 +2,7 @@
 (UNet forward on ε(x,t,∅) plus the classifier's ∇ₓ log p_t(y|x)), looped 24 times three ways —
 inside one `lax.scan` (how every sampler runs), fully unrolled, and as a Python loop over one
 compiled step — with flax's convolutions on `lax.conv_general_dilated` ("lax") and on
-`jaxguide.conv.conv_general_dilated` ("jaxguide"). Random weights: speed does not depend on them.
+`jaxguide.models.conv.conv_general_dilated` ("jaxguide"). Random weights: speed does not depend on them.
 
   python benchmarks/scan_conv.py [--batch 8] [--devices 1] [--smoke]
 
@@ -35,22 +35,25 @@ from jax import lax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import mnist  # noqa: E402
-from jaxguide import config_lib, conv, guidance, nets, score  # noqa: E402
-from jaxguide.sde import VPSDE  # noqa: E402
+from jaxguide.models import conv
+from jaxguide import guidance
+from jaxguide.diffusion import score
+from jaxguide import models
+from jaxguide.diffusion.sde import VPSDE  # noqa: E402
 
 STEPS, RUNS = (2, 1) if args.smoke else (24, 5)
 SMOKE_MODEL = dict(ch=8, ch_mult=(1,), groups=4)
 
 
 def guided_step(conv_fn):
-  nets.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_fn)   # what the modules build
+  models.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_fn)   # what the modules build
   config = mnist.get_config("quick")
   config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
   if args.smoke:
     config.score.model.update(SMOKE_MODEL)
     config.classifier.model.update(SMOKE_MODEL)
-  unet = config_lib.build_model(config.score.model, 10, jnp.float32)
-  clf = config_lib.build_model(config.classifier.model, 10, jnp.float32)
+  unet = models.build_model(config.score.model, 10, jnp.float32)
+  clf = models.build_model(config.classifier.model, 10, jnp.float32)
   b = args.batch
   x, t, y = jnp.zeros((b, 28, 28, 1)), jnp.full((b,), 0.5), jnp.arange(b) % 10
   # Shapes only, filled with numpy's noise: an eager init of the UNet, or jax.random per leaf

@@ -29,19 +29,22 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.quality import judge_of  # noqa: E402
-from jaxguide import conditioning, evaluate, pipeline, sample_lib  # noqa: E402
+from jaxguide import conditioning
+from jaxguide import pipeline
+from jaxguide import evaluation
+from jaxguide.cli import sample_request
 
 
 def accuracy_rows(run, judges, prompts, classes, scales, n, opts, seed):
   """One row per scale: each judge's accuracy, and the FD/floor under the workdir's evaluator."""
   conds = conditioning.embed_prompts(run.config, run.captions, prompts)
-  groups = evaluate.draw(run, jax.random.PRNGKey(seed), {"cfg": scales}, list(range(len(prompts))),
+  groups = evaluation.draw(run, jax.random.PRNGKey(seed), {"cfg": scales}, list(range(len(prompts))),
                          n, conditions=conds, **opts)
   g = groups[0]
   labels = np.asarray(classes)[g.labels]
   rows = []
-  own_rows, ref = evaluate.measure(judges["evaluator"],
-                                   [evaluate.Samples(g.kind, g.scale_list, np.clip(g.images, -1, 1),
+  own_rows, ref = evaluation.measure(judges["evaluator"],
+                                   [evaluation.Samples(g.kind, g.scale_list, np.clip(g.images, -1, 1),
                                                      labels, g.scales, None, 0.0, 0.0)], seed)
   preds = {name: j.predict(np.clip(g.images, -1, 1))[0] for name, j in judges.items()}
   for (scale, block), own in zip(g.blocks(), own_rows):
@@ -89,10 +92,10 @@ def main(argv=None) -> int:
   run = pipeline.load_run(args.workdir)
   if run.captions is None:
     raise SystemExit(f"error: --workdir={args.workdir} was not trained on text")
-  req = sample_lib.complete_request(sample_lib.Request(
+  req = sample_request.complete_request(sample_request.Request(
       guidance=("cfg",), sampler=args.sampler, steps=args.steps, prompts=["<held_out>"]), run)
   opts = dict(sampler=req.sampler, steps=req.steps, spacing=req.spacing, **req.options)
-  judges = {"evaluator": evaluate.run_judge(run)}
+  judges = {"evaluator": evaluation.run_judge(run)}
   if args.judge:
     judges["judge"] = judge_of(args.judge, run)
   scales = [float(v) for v in args.scales.split(",")]

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-  """jaxguide.nets.sinusoidal_embedding: features of t·1000, (B, dim), always float32."""
+  """jaxguide.models.sinusoidal_embedding: features of t·1000, (B, dim), always float32."""
   t = t.to(torch.float32).reshape(-1) * 1000.0
   half = dim // 2
   freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
@@ -41,7 +41,7 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
 
 
 def marginal_coeffs(t: torch.Tensor, beta_min: float, beta_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-  """jaxguide.sde.VPSDE.marginal_coeffs: (α(t), σ(t)) of the linear-β VP-SDE, float32."""
+  """jaxguide.diffusion.sde.VPSDE.marginal_coeffs: (α(t), σ(t)) of the linear-β VP-SDE, float32."""
   t = t.to(torch.float32)
   log_alpha = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
   return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
@@ -232,7 +232,7 @@ class UNet(nn.Module):
   """ε-prediction UNet: forward(x (B,C,H,W), t (B,), y (B,) int) -> ε (B,C,H,W), float32.
 
   `y == num_classes` is the null label ∅ (the last row of `label_emb`). Arguments as
-  `jaxguide.nets.UNet`, plus the input's `in_ch` and `image_size` (its height).
+  `jaxguide.models.UNet`, plus the input's `in_ch` and `image_size` (its height).
   """
 
   def __init__(self, num_classes: int, in_ch: int = 1, image_size: int = 28, ch: int = 32,
@@ -267,8 +267,8 @@ class UNet(nn.Module):
 
 
 class VPrediction(nn.Module):
-  """jaxguide.score.VPrediction: `net`'s output read as v = α ε − σ x₀ and returned as
-  ε = α v + σ x (jaxguide.score.v_to_eps), α and σ of the VP-SDE with these β's. The wrapped
+  """jaxguide.diffusion.score.VPrediction: `net`'s output read as v = α ε − σ x₀ and returned as
+  ε = α v + σ x (jaxguide.diffusion.score.v_to_eps), α and σ of the VP-SDE with these β's. The wrapped
   network's parameters sit under `net`, as Flax's do."""
 
   def __init__(self, net: nn.Module, beta_min: float, beta_max: float):

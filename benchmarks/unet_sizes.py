@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxguide import nets  # noqa: E402
+from jaxguide import models
 
 
 def bench(model, kind, batch=64, repeats=7):
@@ -52,23 +52,23 @@ def bench(model, kind, batch=64, repeats=7):
     jax.block_until_ready((p, value))
     times.append(time.perf_counter() - start)
   med, best = float(np.median(times)), float(min(times))
-  return {"params": nets.count_params(params), "compile_s": round(compile_s, 2),
+  return {"params": models.count_params(params), "compile_s": round(compile_s, 2),
           "step_ms_median": round(med * 1e3), "step_ms_min": round(best * 1e3),
           "img_s_median": round(batch / med), "img_s_best": round(batch / best)}
 
 
 CONFIGS = {
-    "unet16_r1": (lambda: nets.UNet(10, ch=16, num_res_blocks=1), "eps"),
-    "unet16_r2": (lambda: nets.UNet(10, ch=16, num_res_blocks=2), "eps"),
-    "unet24_r1": (lambda: nets.UNet(10, ch=24, num_res_blocks=1), "eps"),
-    "unet32_r1": (lambda: nets.UNet(10, ch=32, num_res_blocks=1), "eps"),
-    "unet32_r2": (lambda: nets.UNet(10, ch=32, num_res_blocks=2), "eps"),
-    "clf16": (lambda: nets.NoisyClassifier(10, ch=16), "clf"),
-    "clf32": (lambda: nets.NoisyClassifier(10, ch=32), "clf"),
+    "unet16_r1": (lambda: models.UNet(10, ch=16, num_res_blocks=1), "eps"),
+    "unet16_r2": (lambda: models.UNet(10, ch=16, num_res_blocks=2), "eps"),
+    "unet24_r1": (lambda: models.UNet(10, ch=24, num_res_blocks=1), "eps"),
+    "unet32_r1": (lambda: models.UNet(10, ch=32, num_res_blocks=1), "eps"),
+    "unet32_r2": (lambda: models.UNet(10, ch=32, num_res_blocks=2), "eps"),
+    "clf16": (lambda: models.NoisyClassifier(10, ch=16), "clf"),
+    "clf32": (lambda: models.NoisyClassifier(10, ch=32), "clf"),
 }
 
-SMOKE = {"eps": lambda: nets.UNet(10, ch=8, ch_mult=(1,), groups=4),
-         "clf": lambda: nets.NoisyClassifier(10, ch=8, ch_mult=(1,), groups=4)}
+SMOKE = {"eps": lambda: models.UNet(10, ch=8, ch_mult=(1,), groups=4),
+         "clf": lambda: models.NoisyClassifier(10, ch=8, ch_mult=(1,), groups=4)}
 
 
 def main(argv=None) -> None:

@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "guidance": ("jaxguide.guidance", None),
     "ConfigError": ("jaxguide.errors", "ConfigError"),
-    "GaussianMixture": ("jaxguide.gmm", "GaussianMixture"),
-    "ring_mixture": ("jaxguide.gmm", "ring_mixture"),
+    "GaussianMixture": ("jaxguide.diffusion.gmm", "GaussianMixture"),
+    "ring_mixture": ("jaxguide.diffusion.gmm", "ring_mixture"),
     "SAMPLERS": ("jaxguide.samplers", "SAMPLERS"),
     "sample": ("jaxguide.samplers", "sample"),
-    "eps_fn": ("jaxguide.score", "eps_fn"),
-    "log_prob_fn": ("jaxguide.score", "log_prob_fn"),
-    "VPSDE": ("jaxguide.sde", "VPSDE"),
+    "eps_fn": ("jaxguide.diffusion.score", "eps_fn"),
+    "log_prob_fn": ("jaxguide.diffusion.score", "log_prob_fn"),
+    "VPSDE": ("jaxguide.diffusion.sde", "VPSDE"),
 }
 __all__ = sorted(_EXPORTS)
 

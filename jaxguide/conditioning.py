@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from typing import Any, Optional, Sequence
 
@@ -33,10 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxguide import checkpoint
 from jaxguide.errors import ConfigError
+from jaxguide.training import workdir as wd
 
-CACHE_FILE = "conditions.npz"
 KINDS = ("label", "text")
 SPLITS = ("train", "held_out")
 
@@ -157,21 +155,16 @@ class Captions:
     return int(hits[0]) if hits.size else None
 
 
-def _read_cache(path: str) -> Optional[Captions]:
-  if not os.path.exists(path):
+def _read_cache(workdir: str) -> Optional[Captions]:
+  z = wd.read_conditions(workdir)
+  if z is None:
     return None
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return Captions(z["captions"], z["labels"], z["split"], z["embeddings"], z["null"],
-                      str(z["encoder"]))
-  except (OSError, KeyError, ValueError):
-    raise ConfigError(f"{path} is damaged: delete it (the captions are encoded again at the next "
-                      "train.py run, which needs the text encoder)") from None
-
-
-def _write_cache(path: str, c: Captions) -> None:
-  checkpoint.atomic_write_npz(path, captions=c.captions, labels=c.labels, split=c.split,
-                              embeddings=c.embeddings, null=c.null, encoder=np.asarray(c.encoder))
+    return Captions(z["captions"], z["labels"], z["split"], z["embeddings"], z["null"],
+                    str(z["encoder"]))
+  except KeyError:
+    raise ConfigError(f"{workdir}/{wd.CONDITIONS_FILE} is damaged: delete it (the captions are "
+                      "encoded again at the next train.py run, which needs the text encoder)") from None
 
 
 def load_encoder(config: ml_collections.ConfigDict) -> Any:
@@ -181,7 +174,7 @@ def load_encoder(config: ml_collections.ConfigDict) -> Any:
 
 @functools.lru_cache(maxsize=2)
 def _encoder(path: Optional[str]) -> Any:
-  from jaxguide import text   # the optional [text] extra: only text runs import it
+  from jaxguide import text
   return text.load_encoder(path)
 
 
@@ -192,7 +185,7 @@ def encode_captions(config: ml_collections.ConfigDict, workdir: str,
   embedding size against score.model.cond_dim."""
   rows = captions(config.condition, num_classes)
   texts = np.asarray([r[0] for r in rows])
-  cached = _read_cache(os.path.join(workdir, CACHE_FILE))
+  cached = _read_cache(workdir)
   fresh = cached is None or cached.captions.shape != texts.shape or not np.all(cached.captions == texts)
   if fresh:
     encoder = load_encoder(config)
@@ -217,14 +210,15 @@ def for_training(config: ml_collections.ConfigDict, workdir: str,
   return cached.conditions(), cached, fresh
 
 
-def save(workdir: str, cached: Captions) -> None:
-  _write_cache(os.path.join(workdir, CACHE_FILE), cached)
+def save(workdir: str, c: Captions) -> None:
+  wd.write_conditions(workdir, captions=c.captions, labels=c.labels, split=c.split,
+                      embeddings=c.embeddings, null=c.null, encoder=np.asarray(c.encoder))
 
 
 def load_captions(workdir: str) -> Captions:
-  cached = _read_cache(os.path.join(workdir, CACHE_FILE))
+  cached = _read_cache(workdir)
   if cached is None:
-    raise ConfigError(f"--workdir={workdir} was trained on text but has no {CACHE_FILE}: train it "
+    raise ConfigError(f"--workdir={workdir} was trained on text but has no {wd.CONDITIONS_FILE}: train it "
                       f"again with python train.py --workdir {workdir} (same --config)")
   return cached
 

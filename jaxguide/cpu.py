@@ -55,7 +55,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`lax.conv_general_dilated`, with conv.py's input-gradient rule on the CPU (flax's
   `nn.Conv(conv_general_dilated=...)` hook). Same values on both paths."""
   from jax import lax
-  from jaxguide import conv
+
+  from jaxguide.models import conv
   fn = conv.conv_general_dilated if enabled() else lax.conv_general_dilated
   return fn(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)

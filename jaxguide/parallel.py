@@ -14,7 +14,8 @@ from typing import Any, Iterable, Iterator
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxguide.errors import ConfigError
 

@@ -4,35 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxguide import checkpoint, conditioning, config_lib, guidance, parallel, samplers
+from jaxguide import conditioning, guidance, parallel, samplers
+from jaxguide import config as config_lib
+from jaxguide.diffusion.score import eps_fn as bind_eps
+from jaxguide.diffusion.score import log_prob_fn as bind_log_prob
+from jaxguide.diffusion.sde import VPSDE, sde_from
 from jaxguide.errors import ConfigError
-from jaxguide.score import eps_fn as bind_eps, log_prob_fn as bind_log_prob
-from jaxguide.sde import VPSDE
+from jaxguide.guidance import registry
+from jaxguide.models.build import MODEL_INDEX, build_model, cond_dim, example_inputs
+from jaxguide.training import workdir as wd
 
-DATA_INFO_FILE = "data_info.json"
-GUIDANCES = ("none", "classifier", "cfg", "both", "negative", "compose", "autoguidance", "apg",
-             "x0_classifier", "cfgpp")
-# Options of guided_eps_fn (the rest of generate's options go to the sampler).
-GUIDE_OPTIONS = ("guide_conditional", "interval", "rescale", "schedule", "negative_label",
-                 "compose", "apg_eta", "norm_threshold", "recurrence")
-# Kinds whose scale is added to a base that it leaves alone at 0 (the rest: at 1, CFG's family).
-ZERO_NEUTRAL = ("classifier", "x0_classifier", "cfgpp", "compose")
-
-
-def save_data_info(workdir: str, shape: Sequence[int], num_classes: int) -> None:
-  """What sampling needs to know of the data without loading it: example shape and class count."""
-  checkpoint.atomic_write_text(os.path.join(workdir, DATA_INFO_FILE),
-                               json.dumps({"shape": list(shape), "num_classes": int(num_classes)}))
+# Options of the guided ε-function (the rest of generate's options go to the sampler).
+GUIDE_OPTIONS = ("schedule", *registry.OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: a key of the compile cache
@@ -69,24 +60,19 @@ class Run:
                         f"python train.py --workdir {self.workdir} --config.models={name} (same --config)")
 
 
-def _restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | None:
-  """The EMA parameters of the latest complete checkpoint, checked against the config's model."""
-  directory = os.path.join(workdir, "checkpoints", name)
-  if not os.path.isdir(directory):
+def restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | None:
+  """The EMA parameters of a model's latest complete checkpoint as host arrays, checked against
+  the config's model (`model`, called with `init_args`); None when the model has none."""
+  tree = wd.restore_latest(workdir, name)   # CheckpointError (one line, with the fix) if damaged
+  if tree is None:
     return None
-  ckpt = checkpoint.Checkpointer(directory, read_only=True)
-  try:
-    if ckpt.latest_step() is None:
-      return None
-    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"]
-    tree = ckpt.restore()   # CheckpointError (one line, with the fix) if damaged
-  finally:
-    ckpt.close()
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"]
   params = tree.get("ema_params") if isinstance(tree, dict) else None
   shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
   if params is None or shapes(params) != shapes(expected):
-    raise ConfigError(f"the {name} checkpoint in {directory} does not match the workdir's config.json "
-                      "(another architecture): use the workdir it was trained in")
+    raise ConfigError(f"the {name} checkpoint in {wd.checkpoint_dir(workdir, name)} does not match "
+                      "the workdir's config.json (another architecture): use the workdir it was "
+                      "trained in")
   return jax.tree.map(np.asarray, params)   # host arrays: placed by load_run, whatever the saving devices
 
 
@@ -96,18 +82,12 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   The networks compute in `dtype` ("float32" or "bfloat16"; default the config's `sample.dtype`,
   float32 when absent) whatever they were trained in: sampling walks hundreds of steps whose
   rounding a bfloat16 network adds to, so mixed precision is the user's choice there."""
-  config = checkpoint.load_config(workdir)
-  info_path = os.path.join(workdir, DATA_INFO_FILE)
-  if config is None or not os.path.exists(info_path):
-    raise ConfigError(f"--workdir={workdir} holds no trained run (no config.json / {DATA_INFO_FILE}): "
+  config = wd.load_config(workdir)
+  if config is None:
+    raise ConfigError(f"--workdir={workdir} holds no trained run (no config.json): "
                       f"train one first with python train.py --workdir {workdir}")
-  info = checkpoint.read_json(info_path)
-  try:
-    shape, k = tuple(int(n) for n in info["shape"]), int(info["num_classes"])
-  except (KeyError, TypeError, ValueError):
-    raise ConfigError(f"{info_path} is damaged (it needs 'shape' and 'num_classes'): restore it, "
-                      "or retrain in a new --workdir") from None
-  sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+  shape, k = wd.read_data_info(workdir)
+  sde = sde_from(config)
   dtype = dtype or config.sample.get("dtype", "float32")
   if dtype not in config_lib.DTYPES:
     raise ConfigError(f"--dtype (sample.dtype)={dtype!r} is not known: use one of "
@@ -115,12 +95,11 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   captions = (conditioning.load_captions(workdir) if conditioning.kind_of(config) == "text"
               else None)
   apply_fns, params = {}, {}
-  for name in config_lib.MODEL_INDEX:
+  for name in MODEL_INDEX:
     if name not in config or "model" not in config[name]:
       continue
-    model = config_lib.build_model(config[name].model, k, config_lib.DTYPES[dtype], sde, role=name)
-    restored = _restore_ema(workdir, name, model, config_lib.example_inputs(
-        name, shape, config_lib.cond_dim(config, name)))
+    model = build_model(config[name].model, k, config_lib.DTYPES[dtype], sde, role=name)
+    restored = restore_ema(workdir, name, model, example_inputs(name, shape, cond_dim(config, name)))
     if restored is not None:
       apply_fns[name], params[name] = model.apply, restored
   if "score" not in params:
@@ -132,86 +111,38 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   return Run(workdir, config, sde, shape, k, apply_fns, params, captions)
 
 
-def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
-                  clf_scale: jax.Array | float = 0.0, *, guide_conditional: bool = False,
-                  interval: Optional[Sequence[float]] = None, rescale: float = 0.0,
-                  schedule: str = "constant", negative_label: Optional[int] = None,
-                  compose: Optional[Sequence[tuple[int, float]]] = None, apg_eta: float = 0.0,
-                  norm_threshold: Optional[float] = None, recurrence: int = 0):
-  """The ε-function a sampler walks for one guidance kind; `scale` may be per sample.
-
-  none           the conditional network as trained, ε(x, t, y)
-  classifier     ε(x, t, ∅) − w σ ∇ log p_t(y|x): the unconditional model guided by the noisy
-                 classifier (the reference tutorial); guide_conditional=True guides ε(x, t, y)
-  cfg            ε(∅) + s (ε(y) − ε(∅))
-  both           CFG at `scale`, then the classifier term at `clf_scale`
-  negative       ε(y⁻) + s (ε(y) − ε(y⁻)), y⁻ = negative_label (∅ if None: CFG)
-  compose        ε(∅) + s Σᵢ wᵢ (ε(yᵢ) − ε(∅)) for compose = ((y₁, w₁), …); y is not read
-  autoguidance   ε_guide(y) + s (ε(y) − ε_guide(y)), the workdir's guide network
-  apg            adaptive projected guidance at s (apg_eta, norm_threshold)
-  x0_classifier  ε − s σ ∇ log p(y | x̂₀) with the workdir's evaluator (of clean digits), on
-                 ε(x, t, ∅), or on ε(x, t, y) with guide_conditional; `recurrence` extra passes
-  cfgpp          CFG++ at λ = s (ddim, dpmpp_2m and ddpm re-noise with ε(∅); the ODE/SDE
-                 solvers euler_maruyama, pc and ode_heun walk CFG at λ)
-
-  schedule = constant | linear | cosine makes every scale a function of t (guidance.schedule).
-  A text run's y are prompt encodings (B, D) and ∅ the encoding of "" (`Run.null`); its
-  negative_label is then a negative prompt's encoding (a tuple of D floats).
-  """
-  k = run.null
-  eps = bind_eps(run.apply_fns["score"], params["score"])
-  if schedule != "constant":
-    neutral = 0.0 if kind in ZERO_NEUTRAL else 1.0
-    scale = guidance.schedule(schedule, scale, neutral=neutral)
-    clf_scale = guidance.schedule(schedule, clf_scale, neutral=0.0)
-  if kind == "none":
-    return eps
-  if kind == "cfg":
-    return guidance.classifier_free(eps, scale, k, interval=interval, rescale=rescale)
-  if kind == "negative":
-    return guidance.negative(eps, scale, k if negative_label is None else negative_label,
-                             interval=interval)
-  if kind == "compose":
-    if run.captions is not None:
-      raise ConfigError("--guidance compose takes class labels; a text run composes prompts as "
-                        "negative prompts: use --negative_prompt")
-    labels = jnp.asarray([int(c[0]) for c in compose], jnp.int32)
-    weights = jnp.asarray([float(c[1]) for c in compose], jnp.float32)
-
-    def composed(x, t, y):
-      s = jnp.broadcast_to(jnp.asarray(guidance.scale_at(scale, t), jnp.float32), y.shape)
-      return guidance.compose(eps, labels, s[:, None] * weights[None], k)(x, t, y)
-    return composed
-  if kind == "autoguidance":
-    weak = bind_eps(run.apply_fns["guide"], params["guide"])
-    return guidance.autoguidance(eps, weak, scale, interval=interval)
-  if kind == "apg":
-    return guidance.apg(eps, run.sde, scale, k, eta=apg_eta, norm_threshold=norm_threshold,
-                        interval=interval)
-  if kind == "cfgpp":
-    return guidance.cfgpp(eps, scale, k)
-  base = eps if guide_conditional else guidance.unconditional(eps, k)
-  if kind == "x0_classifier":
+def bound_models(run: Run, params: dict[str, Any]) -> registry.Models:
+  """The run's networks as the functions guidance builders use (`guidance.registry.Models`)."""
+  bind = lambda name, fn: fn(run.apply_fns[name], params[name]) if name in params else None
+  evaluator = None
+  if "evaluator" in params:
     apply, p = run.apply_fns["evaluator"], params["evaluator"]
-    log_prob = lambda x: jax.nn.log_softmax(apply({"params": p}, x).astype(jnp.float32), axis=-1)
-    return guidance.x0_classifier(base, log_prob, run.sde, scale, recurrence=recurrence,
-                                  interval=interval)
-  logp = bind_log_prob(run.apply_fns["classifier"], params["classifier"])
-  if kind == "classifier":
-    return guidance.classifier(base, logp, run.sde, scale, interval=interval)
-  return guidance.combine(eps, logp, run.sde, scale, clf_scale, k, interval=interval, rescale=rescale)
+    evaluator = lambda x: jax.nn.log_softmax(apply({"params": p}, x).astype(jnp.float32), axis=-1)
+  return registry.Models(eps=bind("score", bind_eps), null=run.null, sde=run.sde,
+                      text=run.captions is not None, classifier=bind("classifier", bind_log_prob),
+                      guide=bind("guide", bind_eps), evaluator=evaluator)
+
+
+def guided_eps_fn(run: Run, params: dict[str, Any], kind: str, scale: jax.Array,
+                  clf_scale: jax.Array | float = 0.0, *, schedule: str = "constant", **options):
+  """The ε-function a sampler walks for one guidance kind (`guidance.registry.KINDS`); `scale` may
+  be per sample. `options` are the kinds' options (`guidance.registry.OPTIONS`); each kind reads
+  its own. schedule = constant | linear | cosine makes every scale a function of t, about the
+  kind's neutral scale (`guidance.schedule`). A text run's y are prompt encodings (B, D) and ∅
+  the encoding of "" (`Run.null`); its negative_label is a negative prompt's encoding."""
+  row = registry.get(kind)
+  if schedule != "constant":
+    scale = guidance.schedule(schedule, scale, neutral=row.neutral)
+    clf_scale = guidance.schedule(schedule, clf_scale, neutral=0.0)
+  return registry.build(kind, bound_models(run, params), scale, clf_scale, **options)
 
 
 def check_request(run: Run, kind: str, labels: np.ndarray) -> None:
-  if kind not in GUIDANCES:
-    raise ConfigError(f"--guidance={kind!r} is not known: use one of {', '.join(GUIDANCES)}")
-  needs = {"classifier": "classifier", "both": "classifier", "autoguidance": "guide",
-           "x0_classifier": "evaluator"}
-  if run.captions is not None and kind in ("classifier", "both", "x0_classifier", "compose"):
-    raise ConfigError(f"--guidance={kind} needs class labels, and this workdir was trained on "
-                      "text prompts: use cfg, negative, autoguidance, apg, cfgpp or none")
-  if kind in needs:
-    run.require(needs[kind], f"--guidance={kind}")
+  """A kind's needs against the workdir (its models, class labels) and labels in range."""
+  row = registry.get(kind)
+  registry.check((kind,), {}, None, {}, run.captions is not None)
+  for name in row.needs:
+    run.require(name, f"--guidance={kind}")
   if run.captions is not None:
     return
   bad = labels[(labels < 0) | (labels >= run.num_classes)]

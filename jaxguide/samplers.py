@@ -44,10 +44,10 @@ import numpy as np
 from jax import lax
 
 from jaxguide import guidance
+from jaxguide.diffusion.score import EpsFn, eps_to_score, eps_to_x0
+from jaxguide.diffusion.sde import SPACINGS, VPSDE, broadcast_to_data
 from jaxguide.errors import ConfigError
-from jaxguide.parallel import batch_sharding, batch_mesh
-from jaxguide.score import EpsFn, eps_to_score, eps_to_x0
-from jaxguide.sde import SPACINGS, VPSDE, broadcast_to_data
+from jaxguide.parallel import batch_mesh, batch_sharding
 
 Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0] is x
 

@@ -24,7 +24,9 @@ from benchmarks import run as bench  # noqa: E402
 from benchmarks import torch_nets  # noqa: E402
 from configs import mnist  # noqa: E402
 import jaxguide as jg  # noqa: E402
-from jaxguide import config_lib, losses, nets, score  # noqa: E402
+from jaxguide.diffusion import losses
+from jaxguide.diffusion import score
+from jaxguide import models
 
 K = 10
 SHAPE = (8, 8, 1)          # two levels (8 -> 4)
@@ -35,7 +37,7 @@ SDE = jg.VPSDE(0.1, 20.0)  # not the default β's: the twin must take the run's
 def _nets(attn=(4,), param="eps"):
   """Flax and ported PyTorch UNet (read as a v-prediction where `param` is "v") and classifier,
   float32, random weights."""
-  unet, clf = nets.UNet(K, attn_resolutions=attn, **KW), nets.NoisyClassifier(K, **KW)
+  unet, clf = models.UNet(K, attn_resolutions=attn, **KW), models.NoisyClassifier(K, **KW)
   t_unet = torch_nets.UNet(K, image_size=SHAPE[0], attn_resolutions=attn, **KW)
   if param == "v":
     unet, t_unet = score.VPrediction(unet, SDE), torch_nets.VPrediction(t_unet, SDE.beta_min, SDE.beta_max)
@@ -79,7 +81,7 @@ class PortTest(chex.TestCase):
                                   unet_p)
 
   def test_twins_of_every_preset(self):
-    """run.build_torch builds what config_lib.build_model builds from each configs/mnist.py preset
+    """run.build_torch builds what models.build_model builds from each configs/mnist.py preset
     the benchmark runs: every model field taken (a field the twin lacks raises), the v-prediction
     wrapper where score.model.param says "v", and the Flax parameters load strictly."""
     x, t, y = jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
@@ -87,7 +89,7 @@ class PortTest(chex.TestCase):
       config = mnist.get_config(preset)
       sde = jg.VPSDE(config.sde.beta_min, config.sde.beta_max)
       for i, (role, args) in enumerate((("score", (x, t, y)), ("classifier", (x, t)))):
-        flax_net = config_lib.build_model(config[role].model, K, jnp.float32, sde, role)
+        flax_net = models.build_model(config[role].model, K, jnp.float32, sde, role)
         twin = bench.build_torch(config, role)
         torch_nets.load_flax_params(twin, bench.random_params(flax_net, args, i))
         wrapped = isinstance(twin, torch_nets.VPrediction)

@@ -226,7 +226,8 @@ def text_run(tmp_path_factory):
   and 'the digit d' is a training caption, so the negative prompts are cached too."""
   import ml_collections
   from configs import toy2d
-  from jaxguide import conditioning, train_lib
+  from jaxguide import conditioning
+  from jaxguide.cli import train_job
   c = toy2d.get_config()
   c.models = "score"
   c.train.update({"steps": 2, "batch_size": 16, "log_every": 2, "ckpt_every": 2, "warmup_steps": 1})
@@ -245,7 +246,7 @@ def text_run(tmp_path_factory):
   conditioning.save(workdir, conditioning.Captions(
       np.asarray([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.int32),
       np.asarray([r[2] for r in rows]), vectors[:-1], vectors[-1], "seeded by the test"))
-  train_lib.train_and_evaluate(c, workdir, progress=False)
+  train_job.train_and_evaluate(c, workdir, progress=False)
   return workdir
 
 
@@ -285,7 +286,7 @@ def test_gpu_check_syntax_and_flags(capsys):
   assert (train.progress, train.grids) == (False, False) and train.config.models
   sample = script_flags("sample", commands["sample.py"][1:])
   assert (sample.steps, sample.num_per_class, sample.evaluate) == (1000, 50, True)
-  from jaxguide import prepare
+  from jaxguide.data import prepare
   prepare_args = commands["jaxguide.prepare"][2:]
   with pytest.raises(SystemExit) as done:
     prepare.main(["--help"])

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxguide import checkpoint
+from jaxguide.training import checkpoint
+from jaxguide.training import workdir as wd
 
 
 class CheckpointTest(chex.TestCase):
@@ -57,9 +58,9 @@ class CheckpointTest(chex.TestCase):
     from configs import mnist
     cfg = mnist.get_config("quick")
     workdir = self.create_tempdir().full_path
-    self.assertIsNone(checkpoint.load_config(workdir))
-    checkpoint.save_config(workdir, cfg)
-    loaded = checkpoint.load_config(workdir)
+    self.assertIsNone(wd.load_config(workdir))
+    wd.save_config(workdir, cfg)
+    loaded = wd.load_config(workdir)
     self.assertEqual(loaded.score.model.ch, cfg.score.model.ch)
     self.assertEqual(list(loaded.score.model.ch_mult), list(cfg.score.model.ch_mult))
     self.assertEqual(loaded.classifier.train.steps, cfg.classifier.train.steps)   # references resolved

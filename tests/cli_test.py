@@ -1,5 +1,5 @@
 """train.py on bad input: one line naming the field, the workdir untouched. The table runs in
-process against the checks train.py calls (flag parsing, `train_lib.prepare`); two commands keep
+process against the checks train.py calls (flag parsing, `training.prepare`); two commands keep
 the end-to-end contract (exit code 2, one line on stderr, nothing written)."""
 import hashlib
 import os
@@ -12,7 +12,8 @@ from typing import Callable
 from absl import flags
 import pytest
 
-from jaxguide import cli, train_lib
+from jaxguide import cli
+from jaxguide import training
 from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,16 +77,16 @@ def train_refusal(argv: list[str]) -> str:
   """What train.py would print after 'error: ' for `argv`, checked in process."""
   def check():
     fv = script_flags("train", argv)
-    train_lib.prepare(fv.config, fv.workdir)
+    training.prepare(fv.config, fv.workdir)
   return refusal(check)
 
 
 def sample_refusal(argv: list[str]) -> str:
   """What sample.py would print after 'error: ' for `argv`, checked in process."""
-  from jaxguide import sample_lib
+  from jaxguide.cli import sample_request
   def check():
     fv = script_flags("sample", argv)
-    sample_lib.load_request(fv.workdir, sample_lib.request_from_flags(fv), dtype=fv.dtype)
+    sample_request.load_request(fv.workdir, sample_request.request_from_flags(fv), dtype=fv.dtype)
   return refusal(check)
 
 

@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 
 from cli_test import assert_one_line_error, sample_refusal, tree_hash
-from jaxguide import conditioning, guidance, losses, nets, pipeline, sample_lib, train_lib
+from jaxguide import conditioning
+from jaxguide import guidance
+from jaxguide.diffusion import losses
+from jaxguide import pipeline
+from jaxguide import models
+from jaxguide.cli import sample_output
+from jaxguide.cli import sample_request
+from jaxguide.cli import train_job
 from jaxguide.errors import ConfigError
-from jaxguide.sde import VPSDE
+from jaxguide.diffusion.sde import VPSDE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 4
@@ -24,8 +31,8 @@ K = 4
 
 def _label_and_vector_unets():
   """A label UNet and a vector UNet (cond_dim = K + 1) whose condition rows are the same."""
-  label = nets.UNet(num_classes=K, ch=8, ch_mult=(1, 2), groups=4)
-  vector = nets.UNet(num_classes=K, ch=8, ch_mult=(1, 2), groups=4, cond_dim=K + 1)
+  label = models.UNet(num_classes=K, ch=8, ch_mult=(1, 2), groups=4)
+  vector = models.UNet(num_classes=K, ch=8, ch_mult=(1, 2), groups=4, cond_dim=K + 1)
   x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
   t = jnp.linspace(0.1, 0.9, 6)
   p_label = jax.jit(label.init)(jax.random.key(1, impl="rbg"), x, t, jnp.zeros(6, jnp.int32))["params"]
@@ -139,12 +146,12 @@ def test_vector_loss_reaches_the_network():
 
 def test_networks_check_the_condition():
   with pytest.raises(ConfigError, match="cond_dim"):
-    nets.UNet(num_classes=K, ch=8, ch_mult=(1,), groups=4, cond_dim=-1)
-  vector = nets.MLP(num_classes=K, hidden=8, depth=1, cond_dim=3)
+    models.UNet(num_classes=K, ch=8, ch_mult=(1,), groups=4, cond_dim=-1)
+  vector = models.MLP(num_classes=K, hidden=8, depth=1, cond_dim=3)
   x, t = jnp.zeros((2, 2)), jnp.zeros(2)
   with pytest.raises(ConfigError, match=r"\(B, 3\)"):
     vector.init(jax.random.PRNGKey(0), x, t, jnp.zeros(2, jnp.int32))
-  label = nets.MLP(num_classes=K, hidden=8, depth=1)
+  label = models.MLP(num_classes=K, hidden=8, depth=1)
   with pytest.raises(ConfigError, match="cond_dim"):
     label.init(jax.random.PRNGKey(0), x, t, jnp.zeros((2, 3)))
 
@@ -210,7 +217,7 @@ def text_workdir(tmp_path_factory):
   c = text_config()
   workdir = str(tmp_path_factory.mktemp("text") / "run")
   seed_encodings(workdir, c)
-  report = train_lib.train_and_evaluate(c, workdir, progress=False)
+  report = train_job.train_and_evaluate(c, workdir, progress=False)
   assert report["score"]["steps"] == 30
   return workdir
 
@@ -234,10 +241,10 @@ def test_text_run_samples_prompts(text_workdir, tmp_path):
     np.testing.assert_array_equal(f["label"], np.tile(np.repeat([2, 0], 3), 2))
     image = f["image"]
   # The library gives the same samples: a prompt's cached encoding is what the network saw.
-  req = sample_lib.complete_request(sample_lib.Request(
+  req = sample_request.complete_request(sample_request.Request(
       guidance=("cfg",), scales={"cfg": [1.0, 3.0]}, num_per_class=3,
       prompts=["number two", "a zero"]), run)
-  groups = sample_lib.evaluate.draw(
+  groups = sample_output.evaluate.draw(
       run, jax.random.PRNGKey(0), req.scales, [0, 1], 3,
       conditions=conditioning.embed_prompts(run.config, run.captions, req.prompts),
       sampler=req.sampler, steps=req.steps, spacing=req.spacing, **req.options)
@@ -285,7 +292,7 @@ def test_library_refusals(text_workdir):
   with pytest.raises(ConfigError, match="no prompts"):
     conditioning.embed_prompts(run.config, run.captions, [])
   with pytest.raises(ConfigError, match="no prompts"):
-    sample_lib.complete_request(sample_lib.Request(prompts=[]), run)
+    sample_request.complete_request(sample_request.Request(prompts=[]), run)
   with pytest.raises(ConfigError, match="prompt encodings"):
     pipeline.generate(run, jax.random.PRNGKey(0), np.zeros(2, np.int32), np.ones(2), kind="cfg",
                       steps=2)

@@ -77,7 +77,7 @@ def toy_run(tmp_path_factory):
   (autoguidance's weak network), 40 steps, checkpoints at 20 and 40. Read-only: a test that
   changes a workdir copies it first."""
   from configs import toy2d
-  from jaxguide import train_lib
+  from jaxguide.cli import train_job
   c = toy2d.get_config()
   c.train.update({"steps": 40, "batch_size": 64, "log_every": 20, "ckpt_every": 20})
   c.score.model.update({"hidden": 32, "depth": 2})
@@ -85,7 +85,7 @@ def toy_run(tmp_path_factory):
   c.models = "score,classifier,guide"
   c.sample.update({"steps": 10, "num_per_class": 4})
   workdir = str(tmp_path_factory.mktemp("toy_run") / "run")
-  train_lib.train_and_evaluate(c, workdir, progress=False)
+  train_job.train_and_evaluate(c, workdir, progress=False)
   return workdir
 
 

@@ -10,7 +10,8 @@ from jax import lax
 
 import pytest
 
-from jaxguide import conv, nets
+from jaxguide.models import conv
+from jaxguide import models
 
 pytestmark = pytest.mark.cpu_exact   # XLA:CPU's HLO and exact values (tests/conftest.py)
 
@@ -35,7 +36,7 @@ class ConvTest(parameterized.TestCase):
   def test_input_gradient_in_scan_is_canonical(self):
     # Inside a while body XLA:CPU runs a convolution that reads its kernel as `01oi` in plain
     # loops (5x slower here); every convolution of a scanned classifier gradient must be `01io`.
-    model = nets.NoisyClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
+    model = models.NoisyClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
     x = jnp.zeros((2, 8, 8, 1))
     params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, jnp.ones(2))["params"]
 

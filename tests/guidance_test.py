@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxguide import gmm, guidance, samplers
+from jaxguide.diffusion import gmm
+from jaxguide import guidance
+from jaxguide import samplers
 from jaxguide.errors import ConfigError
-from jaxguide.score import eps_to_x0
-from jaxguide.sde import VPSDE
+from jaxguide.diffusion.score import eps_to_x0
+from jaxguide.diffusion.sde import VPSDE
 
 MIX = gmm.ring_mixture()
 SDE = VPSDE()

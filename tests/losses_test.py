@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxguide as jg
-from jaxguide import losses, nets, score
+from jaxguide.diffusion import losses
+from jaxguide.diffusion import score
+from jaxguide import models
 
 # Parameter init with an 'rbg' key: XLA:CPU compiles threefry bit generation for every leaf slowly.
 def rbg():
@@ -35,31 +37,31 @@ class LossTest(chex.TestCase):
     self.small = {"image": self.x[:, :8, :8], "label": self.y}
 
   def test_eps_loss_finite(self):
-    model = nets.UNet(num_classes=10, ch=8, ch_mult=(1,), groups=4)
+    model = models.UNet(num_classes=10, ch=8, ch_mult=(1,), groups=4)
     params = jax.jit(model.init)(rbg(), self.small["image"], self.t, self.y)["params"]
     loss, grads = _grads(losses.make_eps_loss(model.apply, self.sde, num_classes=10), params, self.small)
     self.assertGreater(float(loss), 0.0)
     self.assertGreater(float(jax.tree.reduce(lambda a, b: a + jnp.sum(jnp.abs(b)), grads, 0.0)), 0.0)
 
   def test_noisy_classifier_loss_finite(self):
-    model = nets.NoisyClassifier(num_classes=10, ch=8, ch_mult=(1, 2), groups=4)
+    model = models.NoisyClassifier(num_classes=10, ch=8, ch_mult=(1, 2), groups=4)
     params = jax.jit(model.init)(rbg(), self.small["image"], self.t)["params"]
     loss, _ = _grads(losses.make_noisy_classifier_loss(model.apply, self.sde), params, self.small)
     # An untrained classifier is near chance: cross-entropy near log 10.
     self.assertAlmostEqual(float(loss), np.log(10), delta=1.0)
 
   def test_evaluator_loss_finite(self):
-    model = nets.LeNet(num_classes=10)
+    model = models.LeNet(num_classes=10)
     params = jax.jit(model.init)(rbg(), self.x)["params"]
     _grads(losses.make_evaluator_loss(model.apply), params, self.images)
 
   def test_mlp_losses_on_points(self):
     pts = {"image": jax.random.normal(jax.random.PRNGKey(1), (16, 2)), "label": jnp.arange(16) % 4}
     t = jnp.full((16,), 0.3)
-    model = nets.MLP(num_classes=4, hidden=16, depth=2)
+    model = models.MLP(num_classes=4, hidden=16, depth=2)
     params = model.init(jax.random.PRNGKey(0), pts["image"], t, pts["label"])["params"]
     _grads(losses.make_eps_loss(model.apply, self.sde, num_classes=4), params, pts)
-    clf = nets.MLPClassifier(num_classes=4, hidden=16, depth=2)
+    clf = models.MLPClassifier(num_classes=4, hidden=16, depth=2)
     cparams = clf.init(jax.random.PRNGKey(0), pts["image"], t)["params"]
     _grads(losses.make_noisy_classifier_loss(clf.apply, self.sde), cparams, pts)
 

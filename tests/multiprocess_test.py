@@ -15,7 +15,8 @@ import chex
 import numpy as np
 import pytest
 
-from jaxguide import cli, train_lib
+from jaxguide import cli
+from jaxguide.cli import train_job
 from jaxguide.errors import ConfigError
 from tests.cli_test import assert_one_line_error, tree_hash
 from tests.reliability_test import last_logged_step, saved_tree
@@ -129,8 +130,10 @@ def test_other_processes_write_only_checkpoints(toy_config, tmp_path, monkeypatc
   """What a process other than 0 leaves in the workdir: its part of the checkpoints, nothing else."""
   toy_config.models = "score"
   toy_config.train.steps = 20
-  monkeypatch.setattr(train_lib, "is_primary", lambda: False)
-  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  from jaxguide.training import loop, run
+  for module in (loop, run):
+    monkeypatch.setattr(module, "is_primary", lambda: False)
+  train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxguide import nets
+from jaxguide import models
 from jaxguide.errors import ConfigError
 
 K = 10          # classes
@@ -54,7 +54,7 @@ def _random_variables(model, *inputs, seed=0):
 @functools.lru_cache(maxsize=None)
 def _unet(shape, ch_mult=(1, 2, 2), dtype=jnp.float32, dropout=0.0):
   lowest = shape[1] // 2 ** (len(ch_mult) - 1)             # attention where it is cheapest
-  model = nets.UNet(K, ch=8, ch_mult=ch_mult, attn_resolutions=(lowest,), dropout=dropout,
+  model = models.UNet(K, ch=8, ch_mult=ch_mult, attn_resolutions=(lowest,), dropout=dropout,
                     dtype=dtype)
   # One jitted apply per model, shared by the tests: each compile costs seconds.
   apply = jax.jit(model.apply, static_argnames="train")
@@ -63,7 +63,7 @@ def _unet(shape, ch_mult=(1, 2, 2), dtype=jnp.float32, dropout=0.0):
 
 @functools.lru_cache(maxsize=None)
 def _classifier(shape, ch_mult=(1, 2, 2), dtype=jnp.float32, dropout=0.0):
-  model = nets.NoisyClassifier(K, ch=8, ch_mult=ch_mult, dropout=dropout, dtype=dtype)
+  model = models.NoisyClassifier(K, ch=8, ch_mult=ch_mult, dropout=dropout, dtype=dtype)
   apply = jax.jit(model.apply, static_argnames="train")
   return model, _random_variables(model, *_inputs(shape)[:2]), apply
 
@@ -179,40 +179,40 @@ class ConfigErrorTest(chex.TestCase):
   def test_image_size_not_divisible(self):
     x, t, y = _inputs((B, 30, 30, 1))
     with self.assertRaisesRegex(ConfigError, r"30x30 is not divisible .*model\.ch_mult"):
-      jax.eval_shape(nets.UNet(K, ch=8).init, _key(0), x, t, y)
+      jax.eval_shape(models.UNet(K, ch=8).init, _key(0), x, t, y)
     with self.assertRaisesRegex(ConfigError, "not divisible"):
-      jax.eval_shape(nets.NoisyClassifier(K, ch=8).init, _key(0), x, t)
+      jax.eval_shape(models.NoisyClassifier(K, ch=8).init, _key(0), x, t)
 
   def test_bad_hyper_parameters(self):
     with self.assertRaisesRegex(ConfigError, r"model\.ch=20 is not divisible by model\.groups=8"):
-      nets.UNet(K, ch=20)
+      models.UNet(K, ch=20)
     with self.assertRaisesRegex(ConfigError, r"model\.ch=12 .*model\.groups=8"):
-      nets.NoisyClassifier(K, ch=12)
+      models.NoisyClassifier(K, ch=12)
     with self.assertRaisesRegex(ConfigError, r"model\.ch_mult"):
-      nets.UNet(K, ch=8, ch_mult=())
+      models.UNet(K, ch=8, ch_mult=())
     with self.assertRaisesRegex(ConfigError, r"model\.num_res_blocks"):
-      nets.UNet(K, ch=8, num_res_blocks=0)
+      models.UNet(K, ch=8, num_res_blocks=0)
     with self.assertRaisesRegex(ConfigError, r"model\.dropout"):
-      nets.LeNet(dropout=1.0)
+      models.LeNet(dropout=1.0)
     with self.assertRaisesRegex(ConfigError, r"model\.hidden"):
-      nets.MLP(3, hidden=0)
+      models.MLP(3, hidden=0)
     with self.assertRaisesRegex(ConfigError, "num_classes"):
-      nets.MLPClassifier(0)
+      models.MLPClassifier(0)
     with self.assertRaises(ConfigError) as ctx:
-      nets.UNet(K, ch=8, groups=3)
+      models.UNet(K, ch=8, groups=3)
     self.assertNotIn("\n", str(ctx.exception))                      # one line, for the scripts
 
   def test_attention_resolution_must_exist(self):
     x, t, y = _inputs((B, 28, 28, 1))
     with self.assertRaisesRegex(ConfigError, r"model\.attn_resolutions=\(16,\)"):
-      jax.eval_shape(nets.UNet(K, ch=8, attn_resolutions=(16,)).init, _key(0), x, t, y)
+      jax.eval_shape(models.UNet(K, ch=8, attn_resolutions=(16,)).init, _key(0), x, t, y)
 
 
 class VectorNetsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_mlp_shapes_and_conditioning(self):
-    model = nets.MLP(3, hidden=16, depth=2)
+    model = models.MLP(3, hidden=16, depth=2)
     x, t, _ = _inputs((5, 2))
     y = jnp.array([0, 1, 2, 3, 0], jnp.int32)                        # 3 is the null label
     variables = _init(model, x, t, y)
@@ -226,7 +226,7 @@ class VectorNetsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_mlp_classifier_depends_on_time(self):
-    model = nets.MLPClassifier(4, hidden=16, depth=2, dtype=jnp.bfloat16)
+    model = models.MLPClassifier(4, hidden=16, depth=2, dtype=jnp.bfloat16)
     x, t, _ = _inputs((5, 2))
     variables = _init(model, x, t)
     _assert_float32_params(self, variables)
@@ -241,18 +241,18 @@ class LeNetTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_logits_and_features(self):
-    model = nets.LeNet(num_classes=K)
+    model = models.LeNet(num_classes=K)
     x, _, _ = _inputs((3, 28, 28, 1))
     variables = _init(model, x)
     self.assertEqual(set(variables), {"params"})                     # no BatchNorm state
     logits = self.variant(lambda v, x: model.apply(v, x))(variables, x)
-    feats = self.variant(lambda v, x: model.apply(v, x, method=nets.LeNet.features))(variables, x)
+    feats = self.variant(lambda v, x: model.apply(v, x, method=models.LeNet.features))(variables, x)
     chex.assert_shape([logits, feats], [(3, K), (3, 128)])
     chex.assert_type([logits, feats], jnp.float32)
     chex.assert_tree_all_finite([logits, feats])
 
   def test_dropout_in_train_mode(self):
-    model = nets.LeNet(num_classes=K)
+    model = models.LeNet(num_classes=K)
     x, _, _ = _inputs((3, 28, 28, 1))
     variables = _init(model, x)
     a = model.apply(variables, x, train=True, rngs={"dropout": _key(2)})
@@ -265,10 +265,10 @@ class PiecesTest(chex.TestCase):
 
   def test_count_params(self):
     variables = _random_variables(nn.Dense(3), jnp.ones((1, 4)))
-    self.assertEqual(nets.count_params(variables), 4 * 3 + 3)
+    self.assertEqual(models.count_params(variables), 4 * 3 + 3)
 
   def test_sinusoidal_embedding(self):
-    emb = nets.sinusoidal_embedding(jnp.array([0.0, 0.5, 1.0]), 7)
+    emb = models.sinusoidal_embedding(jnp.array([0.0, 0.5, 1.0]), 7)
     chex.assert_shape(emb, (3, 7))
     np.testing.assert_allclose(emb[0, :3], 0.0)                      # sin(0)
     np.testing.assert_allclose(emb[0, 3:6], 1.0)                     # cos(0)
@@ -277,7 +277,7 @@ class PiecesTest(chex.TestCase):
 
 @pytest.mark.cpu_exact
 class GroupNormTest(chex.TestCase, parameterized.TestCase):
-  """nets.GroupNorm is flax's nn.GroupNorm computed another way: same parameters, same values
+  """models.GroupNorm is flax's nn.GroupNorm computed another way: same parameters, same values
   and input gradients to float32 rounding, in both of its forms."""
 
   @parameterized.product(impl=("dots", "reduce"),
@@ -288,7 +288,7 @@ class GroupNormTest(chex.TestCase, parameterized.TestCase):
     rng = np.random.default_rng(1)
     x = jnp.asarray(2.0 * rng.standard_normal(shape) + 0.5, jnp.float32)   # a non-zero mean
     ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
-    ours = nets.GroupNorm(groups, impl=impl)
+    ours = models.GroupNorm(groups, impl=impl)
     variables = _random_variables(ref, x)
     self.assertEqual(jax.tree.structure(variables), jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)))
     # Jitted: op-by-op dispatch of the norms and their gradients is most of an eager test's time.
@@ -299,8 +299,8 @@ class GroupNormTest(chex.TestCase, parameterized.TestCase):
 
   def test_bfloat16_output_float32_statistics(self):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 4, 8)) * 100 + 1000, jnp.float32)
-    out = nets.GroupNorm(4, dtype=jnp.bfloat16).apply(
-        nets.GroupNorm(4).init(jax.random.PRNGKey(0), x), x)
+    out = models.GroupNorm(4, dtype=jnp.bfloat16).apply(
+        models.GroupNorm(4).init(jax.random.PRNGKey(0), x), x)
     self.assertEqual(out.dtype, jnp.bfloat16)
     # Large mean, unit-ish spread: float32 statistics still normalise to mean 0, std 1.
     np.testing.assert_allclose(jnp.mean(out.astype(jnp.float32)), 0.0, atol=0.02)
@@ -309,9 +309,9 @@ class GroupNormTest(chex.TestCase, parameterized.TestCase):
   def test_bad_groups_or_impl(self):
     x = jnp.ones((1, 2, 2, 6))
     with self.assertRaisesRegex(ConfigError, "not divisible by num_groups=4"):
-      nets.GroupNorm(4).init(jax.random.PRNGKey(0), x)
+      models.GroupNorm(4).init(jax.random.PRNGKey(0), x)
     with self.assertRaisesRegex(ConfigError, "impl='fast'"):
-      nets.GroupNorm(3, impl="fast").init(jax.random.PRNGKey(0), x)
+      models.GroupNorm(3, impl="fast").init(jax.random.PRNGKey(0), x)
 
 
 def _responds(apply, variables, x, t, y, *, t_alt=None, y_alt=None, tol=1e-5) -> bool:
@@ -344,7 +344,7 @@ class ConditioningTest(chex.TestCase):
     return apply, variables, (x, t, y)
 
   def test_unet_reads_labels_and_time(self):
-    model = nets.UNet(K, ch=8, ch_mult=(1, 2), groups=4)
+    model = models.UNet(K, ch=8, ch_mult=(1, 2), groups=4)
     apply, variables, (x, t, y) = self._check(model, SMALL, K)
     # The unperturbed init answers 0 everywhere (zero conv_out): the check must fail on it.
     fresh = _init(model, x, t, y)
@@ -352,7 +352,7 @@ class ConditioningTest(chex.TestCase):
     self.assertFalse(_responds(apply, fresh, x, t, y, t_alt=1.0 - 0.5 * t))
 
   def test_mlp_reads_labels_and_time(self):
-    self._check(nets.MLP(4, hidden=16, depth=2), (6, 2), 4)
+    self._check(models.MLP(4, hidden=16, depth=2), (6, 2), 4)
 
   def test_check_rejects_networks_that_ignore_y_or_t(self):
     x, t, y = _inputs((4, 3))
@@ -370,7 +370,7 @@ class ConditioningTest(chex.TestCase):
 class LeNetStagesTest(chex.TestCase):
 
   def _tree(self, convs_per_stage):
-    model = nets.LeNet(num_classes=K, convs_per_stage=convs_per_stage)
+    model = models.LeNet(num_classes=K, convs_per_stage=convs_per_stage)
     x = jnp.zeros((2, 28, 28, 1))
     shapes = jax.eval_shape(model.init, _key(0), x)["params"]
     return model, x, jax.tree_util.tree_map(lambda s: s.shape, shapes)
@@ -382,7 +382,7 @@ class LeNetStagesTest(chex.TestCase):
     self.assertEqual(tree["conv_1"], {"kernel": (3, 3, 32, 64), "bias": (64,)})
     self.assertEqual(tree["dense_0"], {"kernel": (7 * 7 * 64, 128), "bias": (128,)})
     self.assertEqual(tree["head"], {"kernel": (128, K), "bias": (K,)})
-    self.assertEqual(nets.LeNet().convs_per_stage, 1)                 # the default
+    self.assertEqual(models.LeNet().convs_per_stage, 1)                 # the default
 
   def test_two_convs_per_stage(self):
     _, _, tree = self._tree(2)
@@ -399,9 +399,9 @@ class LeNetStagesTest(chex.TestCase):
   def test_features_shape_for_both(self):
     x, _, _ = _inputs((3, 28, 28, 1))
     for convs_per_stage in (1, 2):
-      model = nets.LeNet(num_classes=K, convs_per_stage=convs_per_stage)
+      model = models.LeNet(num_classes=K, convs_per_stage=convs_per_stage)
       variables = _random_variables(model, x)
-      feats = jax.jit(functools.partial(model.apply, method=nets.LeNet.features))(variables, x)
+      feats = jax.jit(functools.partial(model.apply, method=models.LeNet.features))(variables, x)
       logits = jax.jit(model.apply)(variables, x)
       chex.assert_shape([feats, logits], [(3, 128), (3, K)])
       chex.assert_type([feats, logits], jnp.float32)
@@ -410,4 +410,4 @@ class LeNetStagesTest(chex.TestCase):
 
   def test_bad_convs_per_stage(self):
     with self.assertRaisesRegex(ConfigError, r"convs_per_stage=0"):
-      nets.LeNet(convs_per_stage=0)
+      models.LeNet(convs_per_stage=0)

@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from cli_test import assert_one_line_error, sample_refusal, train_refusal, tree_hash
-from jaxguide import checkpoint
+from jaxguide.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A damaged checkpoint read in process leaves tensorstore reads whose futures fail after the
@@ -96,13 +96,13 @@ def trained(toy_run, tmp_path_factory):
   """conftest's tiny toy workdir (checkpoints at steps 20 and 40) and, trained in process, a score
   checkpoint of another architecture."""
   from configs import toy2d
-  from jaxguide import train_lib
+  from jaxguide.cli import train_job
   c = toy2d.get_config()
   c.train.update({"steps": 20, "batch_size": 64, "log_every": 20, "ckpt_every": 20})
   c.models = "score"
   c.score.model.update({"hidden": 48, "depth": 2})
   other = str(tmp_path_factory.mktemp("reliability") / "other")
-  train_lib.train_and_evaluate(c, other, progress=False)
+  train_job.train_and_evaluate(c, other, progress=False)
   return toy_run, other
 
 

@@ -14,7 +14,11 @@ import pytest
 
 from cli_test import assert_one_line_error, copy_without, sample_refusal, tree_hash
 from diagnose_test import _untrained_workdir
-from jaxguide import evaluate, pipeline, sample_lib, samplers
+from jaxguide import pipeline
+from jaxguide import samplers
+from jaxguide import evaluation
+from jaxguide.cli import sample_output
+from jaxguide.cli import sample_request
 from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +87,7 @@ def test_sweep_equals_separate_runs(toy_workdir):
   batch layout) draws; each kind compiles once, and the separate runs reuse its executable."""
   run = pipeline.load_run(toy_workdir)
   key, kw = jax.random.PRNGKey(3), {"sampler": "ddim", "steps": 4}
-  groups = evaluate.draw(run, key, {"cfg": [0.0, 2.0, 5.0], "classifier": [1.0, 6.0]},
+  groups = evaluation.draw(run, key, {"cfg": [0.0, 2.0, 5.0], "classifier": [1.0, 6.0]},
                          [0, 1, 2, 3], 3, **kw)
   assert [g.kind for g in groups] == ["cfg", "classifier"]
   assert all(g.compile_s > 0 for g in groups)
@@ -100,14 +104,14 @@ def test_sweep_equals_separate_runs(toy_workdir):
 
 def test_sweep_report_rows(toy_workdir):
   run = pipeline.load_run(toy_workdir)
-  judge = evaluate.run_judge(run)
-  groups, rows, reference = evaluate.sweep(run, jax.random.PRNGKey(0), {"cfg": [1.0, 3.0]}, [1, 2], 4,
+  judge = evaluation.run_judge(run)
+  groups, rows, reference = evaluation.sweep(run, jax.random.PRNGKey(0), {"cfg": [1.0, 3.0]}, [1, 2], 4,
                                            judge=judge, sampler="ddim", steps=4)
   assert [(r["guidance"], r["scale"], sorted(r["per_class"])) for r in rows] == [
       ("cfg", 1.0, [1, 2]), ("cfg", 3.0, [1, 2])]
   assert reference["n_samples"] == 8 and reference["n_test"] == int(np.isin(judge.test.label, [1, 2]).sum())
   block = groups[0].blocks()[1][1]
-  direct = evaluate.sample_metrics(judge, groups[0].images[block], groups[0].labels[block])
+  direct = evaluation.sample_metrics(judge, groups[0].images[block], groups[0].labels[block])
   assert rows[1] == {"guidance": "cfg", "scale": 3.0, **direct}
 
 
@@ -135,14 +139,14 @@ SWEEP_FORMS = [
 
 @pytest.mark.parametrize("guidance,scale,kinds,scales", SWEEP_FORMS)
 def test_sweep_flag_forms(guidance, scale, kinds, scales):
-  req = sample_lib.request_from_flags(flags_ns(guidance=guidance, scale=scale))
+  req = sample_request.request_from_flags(flags_ns(guidance=guidance, scale=scale))
   assert (req.guidance, req.scales) == (kinds, scales)
 
 
 def test_unlisted_kinds_take_config_scales(toy_workdir):
   run = pipeline.load_run(toy_workdir)
-  req = sample_lib.request_from_flags(flags_ns(guidance="cfg,classifier,none", scale=["classifier=5"]))
-  req = sample_lib.complete_request(req, run)
+  req = sample_request.request_from_flags(flags_ns(guidance="cfg,classifier,none", scale=["classifier=5"]))
+  req = sample_request.complete_request(req, run)
   assert req.scales == {"cfg": [run.config.sample.cfg_scale], "classifier": [5.0],
                         "none": [run.config.sample.cfg_scale]}
 
@@ -166,7 +170,7 @@ BAD_SWEEP = [
 @pytest.mark.parametrize("guidance,scale,needle", BAD_SWEEP)
 def test_bad_sweep_forms(guidance, scale, needle):
   with pytest.raises(ConfigError) as e:
-    sample_lib.request_from_flags(flags_ns(guidance=guidance, scale=scale))
+    sample_request.request_from_flags(flags_ns(guidance=guidance, scale=scale))
   assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -247,7 +251,7 @@ def test_config_sampling_defaults(toy_workdir, image_workdir):
   image, toy = pipeline.load_run(image_workdir), pipeline.load_run(toy_workdir)
   assert image.t_eps == 0.02 and toy.t_eps == toy.config.train.t_eps == 1e-3
   def complete(run, **flags):
-    return sample_lib.complete_request(sample_lib.request_from_flags(flags_ns(**flags)), run)
+    return sample_request.complete_request(sample_request.request_from_flags(flags_ns(**flags)), run)
   req = complete(image)   # the quick preset clips x̂₀ and guides ε(x, t, y) with the classifier
   assert (req.spacing, req.options) == ("linear", {"clip_x0": 1.0, "guide_conditional": True})
   req = complete(image, clip_x0=0.0, spacing="logsnr", guide_conditional=False)
@@ -295,9 +299,9 @@ def test_images_written_in_range_unless_raw(image_workdir, tmp_path):
   # x̂₀ clipping off, so only the final clip keeps the written images in [−1, 1].
   common = [f"--workdir={image_workdir}", "--guidance=cfg", "--labels=0,1", "--clip_x0=0"]
   run = pipeline.load_run(image_workdir)
-  req = sample_lib.complete_request(sample_lib.request_from_flags(flags_ns(
+  req = sample_request.complete_request(sample_request.request_from_flags(flags_ns(
       guidance="cfg", labels="0,1", clip_x0=0.0)), run)
-  sample_lib.sample_and_write(run, req, sample_lib.prepare_out(str(tmp_path / "clipped")))
+  sample_output.sample_and_write(run, req, sample_output.prepare_out(str(tmp_path / "clipped")))
   res = run_sample(*common, "--raw", "--spacing=logsnr", f"--out={tmp_path / 'raw'}")
   assert res.returncode == 0, res.stderr[-3000:]
   assert json.loads(res.stdout)["request"]["spacing"] == "logsnr"

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxguide import gmm, guidance
+from jaxguide.diffusion import gmm
+from jaxguide import guidance
 from jaxguide.errors import ConfigError
 from jaxguide.samplers import SAMPLERS, ddim, sample
-from jaxguide.score import eps_to_x0
-from jaxguide.sde import SPACINGS, VPSDE, broadcast_to_data
+from jaxguide.diffusion.score import eps_to_x0
+from jaxguide.diffusion.sde import SPACINGS, VPSDE, broadcast_to_data
 
 MIX = gmm.ring_mixture()
 SDE = VPSDE()

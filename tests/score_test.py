@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxguide as jg
-from jaxguide import config_lib, nets, score
+from jaxguide.diffusion import score
+from jaxguide import config as config_lib
+from jaxguide import models
+from jaxguide.training import specs
 from jaxguide.errors import ConfigError
 
 
@@ -122,7 +125,7 @@ class VPredictionTest(chex.TestCase):
     np.testing.assert_allclose(doubled - out, alpha[:, None, None, None] * v, atol=1e-5)
 
   def test_wraps_a_real_network(self):
-    net = nets.MLP(num_classes=3, hidden=8, depth=1)
+    net = models.MLP(num_classes=3, hidden=8, depth=1)
     model = score.VPrediction(net, self.sde)
     x, t, y = jnp.ones((4, 2)), jnp.linspace(0.1, 1.0, 4), jnp.array([0, 1, 2, 3])
     variables = model.init(jax.random.PRNGKey(0), x, t, y)
@@ -143,23 +146,23 @@ class BuildModelTest(chex.TestCase):
     sde = jg.VPSDE()
     c = self._config()
     c.score.model.param = "eps"
-    bare = config_lib.build_model(c.score.model, 10, jnp.float32, sde)
-    self.assertIsInstance(bare, nets.UNet)
+    bare = models.build_model(c.score.model, 10, jnp.float32, sde)
+    self.assertIsInstance(bare, models.UNet)
     self.assertNotIsInstance(bare, score.VPrediction)
     self.assertEqual(bare.ch, c.score.model.ch)
     c.score.model.param = "v"
-    wrapped = config_lib.build_model(c.score.model, 10, jnp.float32, sde)
+    wrapped = models.build_model(c.score.model, 10, jnp.float32, sde)
     self.assertIsInstance(wrapped, score.VPrediction)
-    self.assertIsInstance(wrapped.net, nets.UNet)
+    self.assertIsInstance(wrapped.net, models.UNet)
     self.assertEqual(wrapped.net, bare)                               # same architecture inside
     self.assertIs(wrapped.sde, sde)
     with self.assertRaises(ValueError):
-      config_lib.build_model(c.score.model, 10, jnp.float32)          # v needs the sde
+      models.build_model(c.score.model, 10, jnp.float32)          # v needs the sde
     c.score.model.param = "x0"
     with self.assertRaisesRegex(ConfigError, r"score\.model\.param='x0'"):
-      config_lib.build_model(c.score.model, 10, jnp.float32, sde)
+      models.build_model(c.score.model, 10, jnp.float32, sde)
     # Models that have no `param` field are built as before.
-    self.assertIsInstance(config_lib.build_model(c.evaluator.model, 10, jnp.float32), nets.LeNet)
+    self.assertIsInstance(models.build_model(c.evaluator.model, 10, jnp.float32), models.LeNet)
 
   def test_v_model_spec_trains_through_the_wrapper(self):
     from configs import toy2d
@@ -167,7 +170,7 @@ class BuildModelTest(chex.TestCase):
     c.score.model.update({"hidden": 8, "depth": 1, "param": "v"})
     c.score.weighting = "v"
     ds = types.SimpleNamespace(num_classes=4, shape=(2,))
-    spec = config_lib.model_spec("score", c, ds)
+    spec = specs.model_spec("score", c, ds)
     self.assertIsInstance(spec.model, score.VPrediction)
     params = spec.model.init(jax.random.PRNGKey(0), *spec.init_args)["params"]
     self.assertEqual(set(params), {"net"})

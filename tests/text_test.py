@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import conftest
-from jaxguide import prepare, text
+from jaxguide.data import prepare
+from jaxguide import text
 from jaxguide.errors import ConfigError
 
 # Files a sentence-transformers folder from a model hub has, the model's own ones.

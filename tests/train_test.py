@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxguide import checkpoint, train_lib
+from jaxguide.data import tfds as tfds_source
+from jaxguide.training import checkpoint
+from jaxguide.cli import train_job
+from jaxguide import training
 from jaxguide.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +30,7 @@ def final_tree(workdir, name="score"):
 
 def test_toy_training_lowers_loss(toy_config, tmp_path):
   toy_config.train.update({"steps": 300, "log_every": 25, "ckpt_every": 300, "lr": 3e-3})
-  report = train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  report = train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   score = [r["loss"] for r in records if r["model"] == "score"]
@@ -48,12 +51,12 @@ def test_toy_training_lowers_loss(toy_config, tmp_path):
 def test_resume_equals_straight_run(toy_config, tmp_path):
   toy_config.models = "score"
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train_lib.train_and_evaluate(toy_config, straight, progress=False)
+  train_job.train_and_evaluate(toy_config, straight, progress=False)
   toy_config.train.steps = 20          # stopped half-way at a checkpoint ...
-  train_lib.train_and_evaluate(toy_config, resumed, progress=False)
+  train_job.train_and_evaluate(toy_config, resumed, progress=False)
   assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints", "score")).latest_step() == 20
   toy_config.train.steps = 40          # ... then the same command again
-  train_lib.train_and_evaluate(toy_config, resumed, progress=False)
+  train_job.train_and_evaluate(toy_config, resumed, progress=False)
   a, b = final_tree(straight), final_tree(resumed)
   assert int(a["step"]) == int(b["step"]) == 40
   chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0)
@@ -65,7 +68,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import chex, jax
     from configs import toy2d
-    from jaxguide import checkpoint, train_lib
+    from jaxguide.cli import train_job
+    from jaxguide.training import checkpoint
     assert jax.local_device_count() == 8
     trees = []
     for n in (1, 8):
@@ -74,7 +78,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       c.train.update(dict(steps=30, batch_size=64, ckpt_every=30, log_every=10, num_devices=n))
       c.score.model.update(dict(hidden=32, depth=2))
       workdir = os.path.join({tmp!r}, str(n))
-      train_lib.train_and_evaluate(c, workdir, progress=False)
+      train_job.train_and_evaluate(c, workdir, progress=False)
       ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "score"))
       trees.append(ckpt.restore())
     chex.assert_trees_all_close(trees[0], trees[1], atol=2e-5, rtol=1e-4)
@@ -94,22 +98,22 @@ def test_eight_devices_equal_one(tmp_path):
 def test_foreign_workdir_refused_untouched(toy_config, tmp_path):
   toy_config.models = "score"
   toy_config.train.steps = 10
-  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
   toy_config.score.model.hidden = 48          # another architecture in the same workdir
   toy_config.train.steps = 20
   with pytest.raises(ConfigError, match="score.model"):
-    train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+    train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_nan_guard_keeps_last_good_checkpoint(toy_config, tmp_path):
   toy_config.models = "score"
   toy_config.train.update({"steps": 20, "ckpt_every": 10, "log_every": 10})
-  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)        # good: step 20
+  train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)        # good: step 20
   toy_config.train.update({"steps": 60, "lr": 1e30, "warmup_steps": 1})           # then diverge
-  with pytest.raises(train_lib.Diverged, match=r"score diverged .*last good checkpoint: step 20"):
-    train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  with pytest.raises(training.Diverged, match=r"score diverged .*last good checkpoint: step 20"):
+    train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   tree = final_tree(str(tmp_path))
   assert int(tree["step"]) == 20
   assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
@@ -139,7 +143,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def test_prefetch_to_device_places_ahead_and_yields_the_same_batches():
-  from jaxguide import data, parallel
+  from jaxguide import data
+  from jaxguide import parallel
   ds = data.load("mnist5k", "test")
   mesh = parallel.data_mesh(jax.devices()[:1])
   pulled = []
@@ -169,7 +174,7 @@ def test_checkpointer_called_only_on_due_steps(toy_config, tmp_path, monkeypatch
   save = checkpoint.Checkpointer.save
   monkeypatch.setattr(checkpoint.Checkpointer, "save",
                       lambda self, step, tree, **kw: saves.append(step) or save(self, step, tree, **kw))
-  train_lib.train_and_evaluate(toy_config, str(tmp_path), progress=False)
+  train_job.train_and_evaluate(toy_config, str(tmp_path), progress=False)
   assert saves == [10, 20, 23]   # the due steps and the last, not a call per step
 
 
@@ -181,7 +186,7 @@ def test_tfds_source_trains_through_grain_and_resumes_exactly(monkeypatch, tmp_p
   from configs import mnist
   from jaxguide import data
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # tfds.builder's leftover temp dirs
-  monkeypatch.setattr(data, "_can_download", lambda *args, **kwargs: True)
+  monkeypatch.setattr(tfds_source, "_can_download", lambda *args, **kwargs: True)
   c = mnist.get_config("quick")
   c.models = "evaluator"
   c.data.update({"source": "tfds:mnist", "data_dir": str(tmp_path / "tfds")})
@@ -190,14 +195,15 @@ def test_tfds_source_trains_through_grain_and_resumes_exactly(monkeypatch, tmp_p
   open_split = data.open_split
   monkeypatch.setattr(data, "open_split", lambda *a, **k: opened.append(open_split(*a, **k)) or opened[-1])
   starts = []
-  read_resumable = train_lib.read_resumable
-  monkeypatch.setattr(train_lib, "read_resumable", lambda *a: starts.append(read_resumable(*a)) or starts[-1])
+  from jaxguide.training import run
+  read_resumable = run.read_resumable
+  monkeypatch.setattr(run, "read_resumable", lambda *a: starts.append(read_resumable(*a)) or starts[-1])
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   with tfds.testing.mock_data(num_examples=20):
-    train_lib.train_and_evaluate(c, straight, progress=False)        # checkpoints at 3 and 6
+    train_job.train_and_evaluate(c, straight, progress=False)        # checkpoints at 3 and 6
     shutil.copytree(straight, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "evaluator", "6"))
-    train_lib.train_and_evaluate(c, resumed, progress=False)         # steps 4..6 again, from 3
+    train_job.train_and_evaluate(c, resumed, progress=False)         # steps 4..6 again, from 3
   assert len(opened) == 2 and all(isinstance(split, data.Records) for split in opened)   # lazy
   assert starts[0] is None and int(starts[1]["step"]) == 3   # the second run resumed at step 3
   a, b = final_tree(straight, "evaluator"), final_tree(resumed, "evaluator")

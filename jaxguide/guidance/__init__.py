@@ -6,7 +6,7 @@ another one with the same signature, in the manner of score_sde's controllable_g
   classifier guidance   ε̃ = ε − w σ(t) ∇ₓ log p_t(y | x)              (w = 1 is Bayes' rule)
   classifier-free       ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅))   (s = 0 uncond., s = 1 cond.)
 
-and the newer family in `guidance.family`: negative labels, composed labels, autoguidance,
+and the newer family (`free`, `classifier`, `apg`, `x0`): negative labels, composed labels, autoguidance,
 adaptive projected guidance (APG), clean-image classifier guidance and CFG++ (a sampler option
 as well: `CFGPlusPlus.pair` hands ddim, dpmpp_2m and ddpm the unconditional ε to re-noise with).
 
@@ -34,14 +34,15 @@ Options shared by the guided transforms:
       defines it on x̂₀/v; we apply it on ε, as diffusers does, so that it needs no SDE. φ = 0 is
       plain CFG exactly.
 """
-from jaxguide.guidance.core import (SCHEDULES, Interval, Paired, Scale, classifier, classifier_free,
-                                    classifier_grad, clip_x0, combine, decided_intervals,
-                                    dynamic_threshold, intervals_of, null_like, passes, scale_at, schedule,
-                                    unconditional)
-from jaxguide.guidance.family import (CFGPlusPlus, apg, autoguidance, cfgpp, compose, negative,
-                                      renoising_pair, x0_classifier)
+from jaxguide.guidance.projected import apg
+from jaxguide.guidance.gradient import classifier, combine, x0_classifier
+from jaxguide.guidance.free import autoguidance, classifier_free, compose, negative, unconditional
+from jaxguide.guidance.intervals import Interval, decided_intervals, intervals_of
+from jaxguide.guidance.passes import classifier_grad, null_like, passes
+from jaxguide.guidance.scales import SCHEDULES, Scale, scale_at, schedule
+from jaxguide.guidance.x0 import CFGPlusPlus, Paired, cfgpp, clip_x0, dynamic_threshold, renoising_pair
 
 __all__ = ["SCHEDULES", "CFGPlusPlus", "Interval", "Paired", "Scale", "apg", "autoguidance", "cfgpp",
            "classifier", "classifier_free", "classifier_grad", "clip_x0", "combine", "compose",
-           "decided_intervals", "dynamic_threshold", "intervals_of", "negative", "null_like", "passes", "renoising_pair", "scale_at", "schedule",
-           "unconditional", "x0_classifier"]
+           "decided_intervals", "dynamic_threshold", "intervals_of", "negative", "null_like", "passes",
+           "renoising_pair", "scale_at", "schedule", "unconditional", "x0_classifier"]

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxguide import guidance, pipeline
-from jaxguide.gmm import GaussianMixture
-from jaxguide.score import LogProbFn, log_prob_fn as bind_log_prob
-from jaxguide.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.gmm import GaussianMixture
+from jaxguide.diffusion.score import LogProbFn
+from jaxguide.diffusion.score import log_prob_fn as bind_log_prob
+from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
 
 # The toy posterior maps' times: sharp classes, blurring, nearly merged, almost prior.
 POSTERIOR_TIMES = (0.05, 0.25, 0.5, 0.75)

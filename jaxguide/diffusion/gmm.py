@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide.sde import VPSDE
+from jaxguide.diffusion.sde import VPSDE
 
 
 @flax.struct.dataclass

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxguide.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (x, t (B,), y (B,)) -> ε
 LogProbFn = Callable[[jax.Array, jax.Array], jax.Array]          # (x, t (B,)) -> (B, K) log p_t(y|x)

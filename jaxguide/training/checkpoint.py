@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging as logging_std
 import os
 import sys
@@ -19,16 +18,11 @@ import tempfile
 from typing import Any, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxguide.errors import ConfigError
-
-CONFIG_FILE = "config.json"
-# What a config.json must hold for a workdir to be usable (a truncated or hand-edited file may not).
-CONFIG_SECTIONS = ("data", "sde", "train", "models", "sample")
 
 
 class CheckpointError(ConfigError):
@@ -260,30 +254,3 @@ def atomic_write_npz(path: str, **arrays: np.ndarray) -> None:
       f.write(buffer.getvalue())
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  atomic_write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def read_json(path: str) -> Any:
-  """A JSON file of a workdir; ConfigError naming the file if it is damaged."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
-    raise ConfigError(f"{path} is damaged ({_one_line(e, 60)}): restore it, or use a new "
-                      "--workdir") from None
-  except OSError as e:
-    raise ConfigError(f"{path} cannot be read ({e.strerror}): check its permissions") from None
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config a workdir was trained with, or None if it has none yet."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  saved = read_json(path)
-  missing = [s for s in CONFIG_SECTIONS if not isinstance(saved, dict) or s not in saved]
-  if missing:
-    raise ConfigError(f"{path} is damaged (no {missing[0]!r} section): restore it, or use a new "
-                      "--workdir")
-  return ml_collections.ConfigDict(saved)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxguide.checkpoint import atomic_path
+from jaxguide.training.checkpoint import atomic_path
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -114,3 +114,8 @@ class VPSDE:
     """(times, ᾱ at those times) on `time_grid`: the discrete schedule for ddpm and ddim."""
     times = self.time_grid(steps, t_eps, spacing)
     return times, self.alpha_bar(times)
+
+
+def sde_from(config) -> VPSDE:
+  """The process a run's config (its `sde` section) describes."""
+  return VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)

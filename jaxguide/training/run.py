@@ -1,0 +1,121 @@
+"""Training a whole config: `prepare` checks everything and reads what a resume needs,
+writing nothing; `train` then trains every model of the config in turn and writes the report.
+Evaluation is passed in (`evaluate`): training imports nothing of sampling or evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxguide import conditioning, data, parallel
+from jaxguide import config as config_lib
+from jaxguide.errors import ConfigError
+from jaxguide.parallel import is_primary
+from jaxguide.training import specs as spec_lib
+from jaxguide.training import workdir as wd
+from jaxguide.training.loop import MetricsWriter, StopSignal, train_model
+from jaxguide.training.state import create_train_state, make_optimizer
+
+
+def _abstract_checkpoint(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of what `train_model` saves for this model, computed without any FLOPs."""
+  tc = config_lib.model_train_config(config, spec.name)
+  make = lambda key: create_train_state(key, spec.model, spec.init_args, make_optimizer(tc),
+                                        tc.ema_decay).checkpoint_tree()
+  return jax.eval_shape(make, jax.random.PRNGKey(0))
+
+
+def read_resumable(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
+                   workdir: str) -> Any | None:
+  """The latest checkpoint of this model in the workdir as host arrays, or None. Called before
+  anything is written: a checkpoint of another config or a damaged one raises CheckpointError (one
+  line) while the workdir is still as it was. This is the run's only read of the checkpoint."""
+  # Restored into the state's own structure (optax's namedtuples; orbax alone gives lists),
+  # checked against it, then moved to the host until train_model places it.
+  def target():
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        _abstract_checkpoint(spec, config))
+  tree = wd.restore_latest(workdir, spec.name, target)
+  return None if tree is None else jax.device_get(tree)
+
+
+@dataclasses.dataclass
+class Plan:
+  """What `prepare` checked and read before anything is written: train_and_evaluate's inputs."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  train_ds: Any
+  test_ds: Any
+  specs: dict[str, spec_lib.ModelSpec]
+  resume_from: dict[str, Any]
+  captions: Any
+  write_captions: bool
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+  """Checks the config, the workdir, the data and any checkpoint to resume, writing nothing:
+  bad input raises ConfigError (one line) while the workdir is still as it was."""
+  config_lib.validate(config)
+  wd.check_workdir(workdir, config)
+  if jax.process_count() > 1 and config.train.num_devices:
+    raise ConfigError(f"train.num_devices={config.train.num_devices} with {jax.process_count()} "
+                      "processes: use 0 (every device of every process), or run one process")
+  mesh = parallel.data_mesh(spec_lib.devices(config))
+  # The training split may be lazy (tfds: Grain reads its records as the steps need them); the
+  # test split is in memory (and cached, so the figures after training do not read it again).
+  train_ds = data.open_split(config.data.source, "train", data_dir=config.data.data_dir or None)
+  test_ds = data.load(config.data.source, "test", data_dir=config.data.data_dir or None)
+  for name in config_lib.model_names(config):
+    parallel.check_divisible(config_lib.model_train_config(config, name).batch_size, mesh,
+                             field=f"{name}.train.batch_size")
+  # Text runs: every caption encoded (or read from the workdir's cache) before anything is written.
+  conditions, captions, write_captions = conditioning.for_training(config, workdir,
+                                                                   train_ds.num_classes)
+  specs = {name: spec_lib.model_spec(name, config, train_ds, conditions)
+           for name in config_lib.model_names(config)}
+  resume_from = {name: read_resumable(spec, config, workdir) for name, spec in specs.items()}
+  return Plan(config, workdir, mesh, train_ds, test_ds, specs, resume_from, captions,
+              write_captions)
+
+
+Evaluate = Callable[[str, Any, ml_collections.ConfigDict, Any, Any], dict[str, Any]]
+
+
+def write_run_files(plan: Plan) -> None:
+  """The workdir and its files that describe the run, before the first step."""
+  wd.make_workdir(plan.workdir)   # every process (on a shared filesystem: the same folder)
+  if is_primary():
+    wd.save_config(plan.workdir, plan.config)
+    wd.save_data_info(plan.workdir, plan.train_ds.shape, plan.train_ds.num_classes)
+    if plan.write_captions:
+      conditioning.save(plan.workdir, plan.captions)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          evaluate: Optional[Evaluate] = None) -> dict[str, Any]:
+  """Trains every model in `config.models` (resuming from `workdir`) and writes
+  train_report.json. `evaluate(name, spec, config, ema_params, test_ds)` (e.g.
+  `evaluation.metrics.evaluate_model`) adds each model's held-out figures to its entry."""
+  plan = prepare(config, workdir)   # everything checked first: bad input changes nothing
+  write_run_files(plan)
+  writer = MetricsWriter(workdir)
+  # Models trained here replace their entries; those trained by an earlier command stay (e.g. a
+  # guide added with --config.models=guide keeps the score network's figures).
+  report = {k: v for k, v in wd.read_report(workdir).items() if k not in plan.specs}
+  with StopSignal() as stop:   # one for every model: a signal while evaluating stops the next
+    for name, spec in plan.specs.items():
+      state, speed = train_model(spec, config, workdir, plan.train_ds, plan.mesh, writer, progress,
+                                 stop, resume_from=plan.resume_from.pop(name))
+      report[name] = {**speed, "steps": int(state.step),
+                      "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params)))}
+      if evaluate is not None:
+        report[name].update(evaluate(name, spec, config, state.ema_params, plan.test_ds))
+  if is_primary():
+    wd.write_report(workdir, report)
+  return report

@@ -1,0 +1,197 @@
+"""The workdir format: every file a run folder holds, with its one reader and one writer.
+
+  config.json         the run's config (CONFIG_SECTIONS), written by training, read by all
+  data_info.json      the data's example shape and class count, for sampling without the data
+  conditions.npz      a text run's captions and their encodings (`jaxguide.conditioning`)
+  metrics.jsonl       one JSON line per logged step
+  train_report.json   each model's steps, speed and held-out figures
+  checkpoints/NAME/   orbax checkpoints of each model (`restore_latest`)
+  samples/            train.py's final grids (`jaxguide.cli.sample_output`)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from jaxguide.errors import ConfigError
+from jaxguide.training import checkpoint
+
+CONFIG_FILE = "config.json"
+# Sections a resumed run must share with the run already in the workdir.
+FROZEN_SECTIONS = ("data", "sde", "score.model", "classifier.model", "evaluator.model",
+                   "guide.model", "condition")
+
+
+# What a config.json must hold for a workdir to be usable (a truncated or hand-edited file may not).
+CONFIG_SECTIONS = ("data", "sde", "train", "models", "sample")
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  checkpoint.atomic_write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_json(path: str) -> Any:
+  """A JSON file of a workdir; ConfigError naming the file if it is damaged."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+    raise ConfigError(f"{path} is damaged ({checkpoint._one_line(e, 60)}): restore it, or use a new "
+                      "--workdir") from None
+  except OSError as e:
+    raise ConfigError(f"{path} cannot be read ({e.strerror}): check its permissions") from None
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config a workdir was trained with, or None if it has none yet."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  saved = read_json(path)
+  missing = [s for s in CONFIG_SECTIONS if not isinstance(saved, dict) or s not in saved]
+  if missing:
+    raise ConfigError(f"{path} is damaged (no {missing[0]!r} section): restore it, or use a new "
+                      "--workdir")
+  return ml_collections.ConfigDict(saved)
+
+
+DATA_INFO_FILE = "data_info.json"
+
+
+def save_data_info(workdir: str, shape: Sequence[int], num_classes: int) -> None:
+  """What sampling needs to know of the data without loading it: example shape and class count."""
+  checkpoint.atomic_write_text(os.path.join(workdir, DATA_INFO_FILE),
+                               json.dumps({"shape": list(shape), "num_classes": int(num_classes)}))
+
+
+def _section(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def _normalise(tree: Any) -> Any:
+  """JSON turns tuples into lists; compare configs in the JSON form."""
+  if isinstance(tree, dict):
+    return {k: _normalise(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_normalise(v) for v in tree]
+  return tree
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Read-only checks: the workdir is a writable folder (or can be made), and a run already in it
+  was trained with the same data, SDE and architectures, so resuming cannot mix two runs."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={workdir} is a file, not a folder: choose a new folder path")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={workdir}: {parent} is not a writable folder: choose a writable path")
+  saved = load_config(path) if os.path.isdir(path) else None
+  if saved is None:
+    return
+  for section in FROZEN_SECTIONS:
+    old, new = _normalise(_section(saved, section)), _normalise(_section(config, section))
+    if old is not None and new is not None and old != new:
+      raise ConfigError(f"--workdir={workdir} holds a run with another {section} ({old} != {new}): "
+                        "use a new --workdir, or the config it was trained with")
+
+
+def make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}): choose a writable path") from None
+
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "train_report.json"
+CONDITIONS_FILE = "conditions.npz"
+SAMPLES_DIR = "samples"
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, METRICS_FILE)
+
+
+def checkpoint_dir(workdir: str, name: str) -> str:
+  """The orbax folder of one model (score, classifier, evaluator, guide)."""
+  return os.path.join(workdir, "checkpoints", name)
+
+
+def samples_dir(workdir: str) -> str:
+  return os.path.join(workdir, SAMPLES_DIR)
+
+
+def read_data_info(workdir: str) -> tuple[tuple[int, ...], int]:
+  """(example shape, class count) from data_info.json; ConfigError if missing or damaged."""
+  path = os.path.join(workdir, DATA_INFO_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f"--workdir={workdir} holds no trained run (no {DATA_INFO_FILE}): "
+                      f"train one first with python train.py --workdir {workdir}")
+  info = read_json(path)
+  try:
+    return tuple(int(n) for n in info["shape"]), int(info["num_classes"])
+  except (KeyError, TypeError, ValueError):
+    raise ConfigError(f"{path} is damaged (it needs 'shape' and 'num_classes'): restore it, "
+                      "or retrain in a new --workdir") from None
+
+
+def read_report(workdir: str) -> dict[str, Any]:
+  """train_report.json's entries, {} if there is none; a damaged report reads as {} (training
+  rewrites it rather than refusing to train)."""
+  path = os.path.join(workdir, REPORT_FILE)
+  try:
+    report = read_json(path) if os.path.exists(path) else None
+  except ConfigError:
+    report = None
+  return report if isinstance(report, dict) else {}
+
+
+def write_report(workdir: str, report: dict[str, Any]) -> None:
+  checkpoint.atomic_write_text(os.path.join(workdir, REPORT_FILE), json.dumps(report, indent=2))
+
+
+def read_conditions(workdir: str) -> Optional[dict[str, np.ndarray]]:
+  """conditions.npz's arrays (`jaxguide.conditioning.Captions`), or None if there is none."""
+  path = os.path.join(workdir, CONDITIONS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except (OSError, ValueError):
+    raise ConfigError(f"{path} is damaged: delete it (the captions are encoded again at the next "
+                      "train.py run, which needs the text encoder)") from None
+
+
+def write_conditions(workdir: str, **arrays: np.ndarray) -> None:
+  checkpoint.atomic_write_npz(os.path.join(workdir, CONDITIONS_FILE), **arrays)
+
+
+def restore_latest(workdir: str, name: str, target: Callable[[], Any] | None = None) -> Any | None:
+  """The latest complete checkpoint of one model, or None when it has none; read-only.
+
+  `target` (called only when there is a checkpoint) gives the abstract tree to restore into
+  (structure, dtypes, shardings); None restores the tree as saved. A damaged checkpoint raises
+  `checkpoint.CheckpointError` (one line, with the fix)."""
+  directory = checkpoint_dir(workdir, name)
+  if not os.path.isdir(directory):
+    return None
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
+  try:
+    if ckpt.latest_step() is None:
+      return None
+    return ckpt.restore(None if target is None else target())
+  finally:
+    ckpt.close()
