@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, sys
 sys.path.insert(0, {root!r})
-from jaxguide import cpu, train_lib
+from jaxguide import cpu, training
 from configs import mnist
 if not hasattr(cpu, "one_step_in_flight"):   # else the patch below would change nothing
   sys.exit("jaxguide.cpu.one_step_in_flight is gone: point this script at what decides the wait")
@@ -32,7 +32,7 @@ c = mnist.get_config("quick")
 c.data.source = "mnist5k"
 c.models = "evaluator"
 c.evaluator.train.steps = {steps}
-report = train_lib.train_and_evaluate(c, {workdir!r}, progress=False)
+report = training.train(c, {workdir!r}, progress=False)
 print("RESULT", json.dumps(report["evaluator"]["images_per_s"]))
 """
 

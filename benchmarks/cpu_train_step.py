@@ -4,7 +4,7 @@
                                       [--batches 64,128,256] [--smoke]
 
 Each configuration runs in a fresh process (the device count is fixed when XLA starts): one
-compiled `train_lib.make_train_step` over the `data` mesh, a batch of mnist5k (64 unless
+compiled `training.make_train_step` over the `data` mesh, a batch of mnist5k (64 unless
 `--batches` lists others), median of 12 steps after a warm-up step. Prints one line per configuration and a table at the end.
 --smoke cuts the UNets and the classifier to one level of 8 channels (the evaluator has no size
 to cut) and times 1 step: that the script runs, not how fast (CI).
@@ -24,20 +24,20 @@ import json, sys, time
 import jax, numpy as np
 sys.path.insert(0, ROOT)
 from configs import mnist
-from jaxguide import config_lib, data, parallel, train_lib
+from jaxguide import config as config_lib, data, parallel, training
 name, bs, n_dev, smoke = sys.argv[1], int(sys.argv[2]), jax.device_count(), sys.argv[3] == "smoke"
 c = mnist.get_config("quick")
 if smoke:
   for role in ("score", "guide", "classifier"):
     c[role].model.update(ch=8, ch_mult=(1,), groups=4)
 ds = data.load("mnist5k")
-spec = config_lib.model_spec(name, c, ds)
+spec = training.model_spec(name, c, ds)
 tc = config_lib.model_train_config(c, name)
 mesh = parallel.data_mesh(jax.devices())
-state = train_lib.create_train_state(jax.random.PRNGKey(0), spec.model, spec.init_args,
-                                     train_lib.make_optimizer(tc), 0.99)
+state = training.create_train_state(jax.random.PRNGKey(0), spec.model, spec.init_args,
+                                     training.make_optimizer(tc), 0.99)
 state = parallel.replicate(state, mesh)
-step = train_lib.make_train_step(spec.loss_fn, mesh)
+step = training.make_train_step(spec.loss_fn, mesh)
 batch = parallel.shard_batch(data.batch_at(ds, 0, bs, 0), mesh)
 t0 = time.perf_counter()
 state, m = step(state, batch); jax.block_until_ready(m)

