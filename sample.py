@@ -45,7 +45,6 @@ if __name__ == "__main__":
 from absl import flags
 
 from jaxguide import parallel
-from jaxguide import pipeline
 from jaxguide.guidance import registry
 from jaxguide.cli import sample_output
 from jaxguide.cli import sample_request

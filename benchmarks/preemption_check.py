@@ -1,5 +1,5 @@
 """What train.py's agreed stop costs per step with several processes: one call of
-`multihost_utils.reached_preemption_sync_point`, which `train_lib.StopSignal.due` makes every step.
+`multihost_utils.reached_preemption_sync_point`, which `training.loop.StopSignal.due` makes every step.
 
   python benchmarks/preemption_check.py [--calls 100000]
 

@@ -25,7 +25,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxguide.training import checkpoint
 from jaxguide import pipeline
 from jaxguide.evaluation import plotting
 from jaxguide.training import workdir as wd

@@ -677,10 +677,10 @@ def torch_loss_weight(sde: jg.VPSDE, t: torch.Tensor, weighting: str, gamma: flo
 
 
 class TorchTrainer:
-  """The eager training step that matches train_lib's: t ~ U(t_eps, 1), x_t = αx₀ + σε, label
+  """The eager training step that matches jaxguide.training's: t ~ U(t_eps, 1), x_t = αx₀ + σε, label
   dropout to ∅ (score), forward, the ε squared error weighted by w(t) (`weighting`, as
   score.weighting) or cross-entropy, backward, global-norm clipping, AdamW with the same
-  schedule, EMA with train_lib's warm-up."""
+  schedule, EMA with jaxguide.training's warm-up."""
 
   def __init__(self, module, role: str, tc, sde: jg.VPSDE, p_uncond: float, device: str,
                dtype: Optional[torch.dtype], weighting: str = "eps", min_snr_gamma: float = 5.0):

@@ -4,7 +4,7 @@ weight port.
 
 Benchmark-only: torch is the optional `bench` extra and nothing in jaxguide/ imports this file.
 
-Every layer mirrors `jaxguide/nets.py` one for one (GroupNorm ε = 1e-5, SiLU, FiLM scale-shift,
+Every layer mirrors `jaxguide/models/` one for one (GroupNorm ε = 1e-5, SiLU, FiLM scale-shift,
 nearest ×2 up-sampling, stride-2 down-sampling with Flax's asymmetric SAME padding, the label
 embedding with its null row, single-head attention), and every submodule carries the name Flax
 gives it (`Encoder_0.ResBlock_1.Conv_0`; under `net.` in a v-prediction wrapper), so that

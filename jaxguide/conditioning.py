@@ -163,8 +163,7 @@ def _read_cache(workdir: str) -> Optional[Captions]:
     return Captions(z["captions"], z["labels"], z["split"], z["embeddings"], z["null"],
                     str(z["encoder"]))
   except KeyError:
-    raise ConfigError(f"{workdir}/{wd.CONDITIONS_FILE} is damaged: delete it (the captions are "
-                      "encoded again at the next train.py run, which needs the text encoder)") from None
+    raise wd.damaged_conditions(workdir) from None
 
 
 def load_encoder(config: ml_collections.ConfigDict) -> Any:

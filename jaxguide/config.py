@@ -92,7 +92,7 @@ INTERVAL_FIX = "give (lo, hi) with 0 <= lo < hi <= 1, e.g. '(0.2, 0.7)', or None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every field train_and_evaluate uses; raises ConfigError on the first bad one."""
+  """Checks every field training uses; raises ConfigError on the first bad one."""
   _check(_is_int(config.seed), "seed", config.seed, "must be an integer")
   sde_from(config)   # raises on a bad schedule
   _validate_train(config.train, "train")

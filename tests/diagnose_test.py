@@ -15,7 +15,6 @@ from cli_test import assert_one_line_error, copy_without, diagnose_refusal, tree
 from jaxguide.training import checkpoint
 from jaxguide import data
 from jaxguide.evaluation import diagnostics
-from jaxguide import pipeline
 from jaxguide.evaluation import plotting
 from jaxguide.training import workdir as wd
 from jaxguide import config as config_lib

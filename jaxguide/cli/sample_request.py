@@ -291,7 +291,7 @@ def config_options(run: pipeline.Run, options: Optional[dict[str, Any]] = None) 
 
 
 def _config_interval(value: Any, workdir: str) -> tuple[float, float]:
-  """sample.interval from a workdir's config, checked as train.py checks it (config_lib)."""
+  """sample.interval from a workdir's config, checked as train.py checks it (`config.parse_interval`)."""
   interval = config_lib.parse_interval(value)
   if interval is None:
     raise ConfigError(f"sample.interval={value!r} in {workdir}/config.json: "

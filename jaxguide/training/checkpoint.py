@@ -1,11 +1,12 @@
-"""Checkpoints: a thin wrapper over orbax's `CheckpointManager`, and the run's config as JSON beside it.
+"""Checkpoints: a thin wrapper over orbax's `CheckpointManager`, and atomic writes of the
+workdir's other files (their formats: `training.workdir`).
 
 Orbax writes each step into a temporary folder and renames it when complete (its "finalize"), so
 a run killed mid-save leaves no half checkpoint that could be loaded: `latest_step` only sees
 finished ones, and the leftover is named in a warning (then removed by the next save). A
 checkpoint that is damaged, or holds another model than the one asked for, raises
 `CheckpointError`: one line naming the folder and the fix. No pickle anywhere: arrays go through
-orbax, the config through JSON.
+orbax.
 """
 from __future__ import annotations
 

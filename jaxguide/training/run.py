@@ -46,7 +46,7 @@ def read_resumable(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
 
 @dataclasses.dataclass
 class Plan:
-  """What `prepare` checked and read before anything is written: train_and_evaluate's inputs."""
+  """What `prepare` checked and read before anything is written: `train`'s inputs."""
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh

@@ -171,8 +171,13 @@ def read_conditions(workdir: str) -> Optional[dict[str, np.ndarray]]:
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   except (OSError, ValueError):
-    raise ConfigError(f"{path} is damaged: delete it (the captions are encoded again at the next "
-                      "train.py run, which needs the text encoder)") from None
+    raise damaged_conditions(workdir) from None
+
+
+def damaged_conditions(workdir: str) -> ConfigError:
+  """The one-line error for an unreadable or incomplete conditions.npz."""
+  return ConfigError(f"{os.path.join(workdir, CONDITIONS_FILE)} is damaged: delete it (the captions "
+                     "are encoded again at the next train.py run, which needs the text encoder)")
 
 
 def write_conditions(workdir: str, **arrays: np.ndarray) -> None:
