@@ -32,10 +32,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.score.model = ml_collections.ConfigDict({
       "arch": "unet", "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
       "attn_resolutions": (), "dropout": 0.1, "groups": 8, "param": "eps"})
-  c.score.p_uncond = 0.1           # label dropout: one network learns ε(x,t,y) and ε(x,t,∅)
+  # label dropout, one network learning ε(x,t,y) and ε(x,t,∅): docs/quality.md#label-dropout-scorep_uncond--01
+  c.score.p_uncond = 0.1
   c.score.weighting = "eps"        # per-sample loss weight w(t): eps | v | min_snr (losses.py)
   c.score.min_snr_gamma = 5.0
-  c.score.t_sampling = "uniform"   # uniform t, or logsnr_normal: λ(t) ~ N(logsnr_mean, logsnr_std²)
+  # uniform t, or logsnr_normal, λ(t) ~ N(logsnr_mean, logsnr_std²): docs/quality.md#uniform-t-scoret_sampling--uniform
+  c.score.t_sampling = "uniform"
   c.score.logsnr_mean = 0.0
   c.score.logsnr_std = 3.0
   c.score.train = ml_collections.ConfigDict({"steps": steps})

@@ -1,4 +1,5 @@
-"""2-D labelled Gaussian mixture (`toy:gmm`): exact scores are known; trains in seconds on a CPU."""
+"""2-D labelled Gaussian mixture (`toy:gmm`): exact scores are known; trains in seconds on a CPU
+(docs/quality.md#toy2d-configstoy2dpy)."""
 import ml_collections
 
 from configs import default

@@ -4,15 +4,14 @@ The rest of the library asks `enabled()` ("on the CPU?") and gets the plain JAX/
 everywhere else:
 
   conv_general_dilated  every network convolution: on the CPU with an input gradient that stays a
-                        canonical convolution inside `lax.scan` (jaxguide/conv.py), elsewhere lax's
+                        canonical convolution inside `lax.scan` (models/conv.py), elsewhere lax's
   group_norm_impl       GroupNorm's statistics as dots on the CPU, as reductions elsewhere
   split_host            one XLA CPU device per core (the scripts, before jax starts)
   tune_host_malloc      glibc huge pages for XLA:CPU's large per-step buffers (the scripts, before
                         jax starts; re-executes the interpreter once)
 
-Why and by how much each helps: docs/benchmarks.md ("Classifier guidance inside lax.scan",
-"GroupNorm on XLA:CPU", "Host memory: huge pages", "Training throughput"). `force()` selects
-either path on any backend, so that tests check both on the CPU.
+Why and by how much each helps: docs/benchmarks.md, "XLA:CPU workarounds" and "Training
+throughput". `force()` selects either path on any backend, so that tests check both on the CPU.
 
 Nothing here imports jax at module level: the two process set-ups run before jax starts.
 """
@@ -63,7 +62,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def group_norm_impl() -> str:
-  """"dots" on the CPU (nets.GroupNorm's statistics as matrix products), else "reduce"."""
+  """"dots" on the CPU (models.layers.GroupNorm's statistics as matrix products), else "reduce"."""
   return "dots" if enabled() else "reduce"
 
 
@@ -107,9 +106,10 @@ CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 def split_host() -> None:
   """On a CPU host: one XLA device per core (a power of two, at most 8), unless XLA_FLAGS already
-  says how many. With the batch split over them (the `data` mesh a multi-GPU host uses) a quick
-  UNet training step ran 25 % faster on 2 cores, the classifier's 70 % (docs/benchmarks.md).
-  Does nothing where the backend will be an accelerator. Must run before jax starts its backend."""
+  says how many. XLA:CPU's one thread pool leaves cores idle in the convolutions; with the batch
+  split over one device per core (the `data` mesh a multi-GPU host uses) all of them work
+  (docs/benchmarks.md, "Training throughput"). Does nothing where the backend will be an
+  accelerator. Must run before jax starts its backend."""
   if CPU_DEVICES_FLAG in os.environ.get("XLA_FLAGS", "") or not backend_will_be_cpu():
     return
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -124,11 +124,8 @@ def one_step_in_flight(mesh: Any) -> bool:
   several devices. There, two data-parallel steps in flight (jax's asynchronous dispatch) can
   leave a step's gradient all-reduce waiting for a device whose thread the next step holds: XLA
   then aborts the process after its 40-second rendezvous timeout ("Termination timeout for `all
-  reduce`"). Seen on the 2-core host with the quick evaluator's 36 ms steps, the fastest of its
-  models: without the wait 7 of 10 ad-hoc runs of 100-300 steps on the full MNIST aborted, and 1
-  of 5 runs of `benchmarks/cpu_dispatch.py`; with it none of 9, at 1,088 against 1,110 images/s
-  (medians of 5, within the runs' spread; docs/benchmarks.md). Accelerators keep their
-  asynchronous dispatch."""
+  reduce`"). The wait costs little speed (docs/benchmarks.md, "One training step in flight").
+  Accelerators keep their asynchronous dispatch."""
   return enabled() and mesh.devices.size > 1
 
 
@@ -166,12 +163,12 @@ def tune_host_malloc(*, children: bool = False) -> None:
   can be re-executed (`can_reexecute`), and GLIBC_TUNABLES is not set (any value, even empty,
   opts out). Call it first thing, before importing jax: glibc reads the variable at start-up.
 
-  XLA:CPU allocates each execution's temporaries as one block (114 MB per device for the quick
-  UNet's training step), which glibc maps afresh and faults in 4 KiB at a time on every step;
-  with huge pages the step ran 236-242 -> 182 ms on the 2-core host (docs/benchmarks.md, "Host
-  memory"). Results are bit-identical. The re-executed process drops the variable from its
-  environment again, so processes it starts do not inherit it, unless `children` is True
-  (benchmarks that time child processes under the same set-up)."""
+  XLA:CPU allocates each execution's temporaries as one large block, which glibc maps afresh and
+  faults in 4 KiB at a time on every step; huge pages remove most of those faults
+  (docs/benchmarks.md, "Huge pages for XLA's per-step buffers"). Results are bit-identical. The
+  re-executed process drops the variable from its environment again, so processes it starts do
+  not inherit it, unless `children` is True (benchmarks that time child processes under the same
+  set-up)."""
   if os.environ.pop(_REEXEC_MARK, None) is not None:   # we are the re-executed process
     if not children:
       os.environ.pop("GLIBC_TUNABLES", None)

@@ -64,7 +64,8 @@ def check_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch_size"
 @functools.lru_cache(maxsize=8)
 def _placer(mesh: Mesh):
   """An identity under jit whose input and output are split over `data`: it takes numpy arrays
-  through jit's C++ dispatch, a tenth of `jax.device_put`'s host time per batch (Python)."""
+  through jit's C++ dispatch, in less host time per batch than `jax.device_put`'s Python path
+  (docs/benchmarks.md, "Host work per training step")."""
   sharding = batch_sharding(mesh)
   return jax.jit(lambda tree: tree, in_shardings=sharding, out_shardings=sharding)
 

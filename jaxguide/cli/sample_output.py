@@ -80,6 +80,17 @@ def _write_figures(run, req: Request, group: evaluate.Samples, out: str) -> list
   return files
 
 
+def _write_samples(run: pipeline.Run, req: Request, groups: list, out: str,
+                   extra: dict[str, np.ndarray]) -> list[str]:
+  """samples.npz (image, label, scale, guidance and `extra` per sample) and the figures."""
+  npz = os.path.join(out, "samples.npz")
+  save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
+           label=np.concatenate([g.labels for g in groups]),
+           scale=np.concatenate([g.scales for g in groups]),
+           guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]), **extra)
+  return [npz] + [f for g in groups for f in _write_figures(run, req, g, out)]
+
+
 def sample_and_write(run: pipeline.Run, req: Request, out: str,
                      judge: Optional[evaluate.Judge] = None) -> dict[str, Any]:
   """Samples the request, writes samples.npz and the figures, and with req.evaluate the report
@@ -110,16 +121,12 @@ def sample_and_write(run: pipeline.Run, req: Request, out: str,
     # Images are [−1, 1] data: what is written (and judged) stays there. The trajectory is not
     # clipped: its noisy states leave [−1, 1] by design (the GIF clips them for display).
     groups = [dataclasses.replace(g, images=np.clip(g.images, -1.0, 1.0)) for g in groups]
+  # With several processes every process has sampled its share and holds all the samples;
+  # process 0 alone writes, and `files` lists what this process wrote.
   # With several processes every process has sampled its share and holds all the samples; process
   # 0 alone writes, and `files` lists what this process wrote.
-  primary, files = parallel.is_primary(), []
-  if primary:
-    npz = os.path.join(out, "samples.npz")
-    save_npz(npz, image=np.concatenate([g.images for g in groups]).astype(np.float32),
-             label=np.concatenate([g.labels for g in groups]),
-             scale=np.concatenate([g.scales for g in groups]),
-             guidance=np.concatenate([np.full(len(g.labels), g.kind) for g in groups]), **extra)
-    files = [npz] + [f for g in groups for f in _write_figures(run, req, g, out)]
+  primary = parallel.is_primary()
+  files = _write_samples(run, req, groups, out, extra) if primary else []
   summary: dict[str, Any] = {
       "samples": int(sum(len(g.labels) for g in groups)),
       "compile_s": sum(g.compile_s for g in groups), "sample_s": sum(g.sample_s for g in groups),

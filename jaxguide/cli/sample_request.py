@@ -130,8 +130,8 @@ def parse_sweep(guidance: Optional[str],
   return tuple(kinds), scales
 
 
-def request_from_flags(flags_: Any) -> Request:
-  """Reads and checks the flags that need no workdir (every error names the flag and the fix)."""
+def _sampler_options(flags_: Any) -> dict[str, Any]:
+  """The samplers' and shared guidance options (eta, snr, clip_x0, rescale, interval, ...)."""
   options: dict[str, Any] = {}
   for name in ("eta", "snr", "clip_x0"):
     if getattr(flags_, name) is not None:
@@ -143,8 +143,6 @@ def request_from_flags(flags_: Any) -> Request:
     raise ConfigError(f"--eta={flags_.eta}: must be >= 0 (0 = deterministic DDIM, 1 = DDPM's noise)")
   if options.get("snr", 1.0) <= 0:
     raise ConfigError(f"--snr={flags_.snr}: must be > 0, e.g. 0.16")
-  if flags_.clf_scale is not None and not np.isfinite(flags_.clf_scale):
-    raise ConfigError(f"--clf_scale={flags_.clf_scale}: must be a finite number, e.g. 4")
   if options.get("clip_x0", 0.0) < 0:
     raise ConfigError(f"--clip_x0={flags_.clip_x0}: must be >= 0 (0 = off), e.g. 1")
   if flags_.guide_conditional is not None:
@@ -159,6 +157,13 @@ def request_from_flags(flags_: Any) -> Request:
     if options["interval"] is None:
       raise ConfigError(f"--interval={flags_.interval!r}: give 'lo,hi' with 0 <= lo < hi <= 1")
   options.update(_family_options(flags_))
+  return options
+
+
+def _check_sampling(flags_: Any) -> None:
+  """The sampler, its grid and the sizes."""
+  if flags_.clf_scale is not None and not np.isfinite(flags_.clf_scale):
+    raise ConfigError(f"--clf_scale={flags_.clf_scale}: must be a finite number, e.g. 4")
   if flags_.sampler is not None and flags_.sampler not in samplers.SAMPLERS:
     raise ConfigError(f"--sampler={flags_.sampler!r} is not known: use one of {', '.join(samplers.SAMPLERS)}")
   if flags_.spacing is not None and flags_.spacing not in SPACINGS:
@@ -168,8 +173,11 @@ def request_from_flags(flags_: Any) -> Request:
     value = getattr(flags_, name)
     if value is not None and value < 1:
       raise ConfigError(f"--{name}={value}: must be a positive integer")
+
+
+def _prompts(flags_: Any) -> list[str] | None:
+  """--prompt or --prompt_set (as a placeholder `complete_request` expands), never with --labels."""
   prompts = list(getattr(flags_, "prompt", None) or []) or None
-  negative_prompt = getattr(flags_, "negative_prompt", None)
   prompt_set = getattr(flags_, "prompt_set", None)
   if prompt_set is not None:
     if prompt_set not in conditioning.SPLITS:
@@ -177,10 +185,19 @@ def request_from_flags(flags_: Any) -> Request:
                         f"{', '.join(conditioning.SPLITS)} (every caption of that split)")
     if prompts:
       raise ConfigError("--prompt_set and --prompt both choose the prompts: give one of them")
-    prompts = [f"<{prompt_set}>"]   # a placeholder that complete_request expands from the workdir
+    prompts = [f"<{prompt_set}>"]
   if prompts and flags_.labels is not None:
     raise ConfigError("--prompt and --labels both choose what to sample: give prompts to a text "
                       "run, labels to a label run")
+  return prompts
+
+
+def request_from_flags(flags_: Any) -> Request:
+  """Reads and checks the flags that need no workdir (every error names the flag and the fix)."""
+  options = _sampler_options(flags_)
+  _check_sampling(flags_)
+  prompts = _prompts(flags_)
+  negative_prompt = getattr(flags_, "negative_prompt", None)
   guidance_flag = flags_.guidance
   if negative_prompt is not None and guidance_flag is None and not any(
       "=" in e for e in flags_.scale or []):

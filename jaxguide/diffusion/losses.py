@@ -99,7 +99,7 @@ def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes
     x_t, eps = sde.perturb(k_noise, x0, t)
     if conditions is None:
       y_in = drop_labels(k_drop, y, p_uncond, num_classes)
-    else:   # the label path's keys are left as they were: label runs are unchanged
+    else:   # a key folded from k_drop, so that label runs keep the same four-way split
       c = conditions.draw(jax.random.fold_in(k_drop, 1), y)
       y_in = drop_labels(k_drop, c, p_uncond, conditions.null)
     pred = apply_fn({"params": params}, x_t, t, y_in, train=True, rngs={"dropout": k_dropout})

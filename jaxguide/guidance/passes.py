@@ -36,9 +36,10 @@ def _per_device(fn: Callable, batch: int) -> Callable:
 
   The vmap over the label axis merges it into the batch as the major part, (2, B) -> 2B, which
   a batch split over devices cannot follow: XLA would gather the batch and run both passes on
-  all of it on every device (2x the work, measured 0.70x PyTorch eager on 2 CPU devices). Under
-  shard_map each device stacks only its own slice. The network's parameters, closed over, are
-  replicated; the scales are applied outside, so per-sample scales need no special handling.
+  all of it on every device, twice the work (docs/benchmarks.md, "XLA:CPU workarounds", CFG's two
+  passes). Under shard_map each device stacks only its own slice. The network's parameters,
+  closed over, are replicated; the scales are applied outside, so per-sample scales need no
+  special handling.
   """
   mesh = batch_mesh(batch)
   if mesh is None or mesh.devices.size == 1:

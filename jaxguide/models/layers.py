@@ -75,8 +75,8 @@ class GroupNorm(nn.Module):
   (statistics in float32, E[x²] − E[x]², parameters `scale` and `bias`), output in `dtype`.
 
   impl "dots" (on the CPU, `jaxguide.cpu.group_norm_impl`) writes the statistics as matrix
-  products, which XLA:CPU runs 25-35 % faster in the guided sampling step (docs/benchmarks.md,
-  "GroupNorm on XLA:CPU"); "reduce" is the plain form every other backend gets. Both give flax's
+  products, which XLA:CPU runs faster than the reductions (docs/benchmarks.md, "GroupNorm
+  statistics as dots"); "reduce" is the plain form every other backend gets. Both give flax's
   values to float32 rounding (tests/nets_test.py) and have the same parameters.
   """
 
@@ -101,8 +101,8 @@ class GroupNorm(nn.Module):
     if impl == "dots":
       expand = _group_expansion(c, g)
       flat = xf.reshape(x.shape[0], -1, c)                                       # (B, P, C)
-      # Channel sums as a batched (1, P) @ (P, C) product: no operand transpose, and 2-4x
-      # faster than XLA:CPU's column reduction (a `bpc,p->bc` einsum transposes x first).
+      # Channel sums as a batched (1, P) @ (P, C) product: no operand transpose (a `bpc,p->bc`
+      # einsum transposes x first), and faster than XLA:CPU's column reduction.
       ones = jnp.ones((x.shape[0], 1, flat.shape[1]), jnp.float32)
       channel_sum = lambda v: jnp.matmul(ones, v)[:, 0]                            # (B, C)
       mean = (channel_sum(flat) @ expand.T) / count                              # (B, G)

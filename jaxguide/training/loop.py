@@ -88,20 +88,11 @@ _SYNC_CALLS = itertools.count(1)
 
 
 class StopSignal:
-  """SIGTERM/SIGINT become a clean stop after a step instead of death mid-step: `due()`, called
-  once per step, says when to save and stop.
-
-  One process: a handler records the signal and the step it lands in is the last.
-  Several processes: all must stop after the same step, or orbax's collective save would wait
-  forever for those still training. A SIGTERM is left to jax's preemption notifier (installed by
-  jax.distributed.initialize): the coordination service hears of it from that one process and
-  sets a sync point, the step count after the fastest process's current one, and `due()` turns
-  true at that same call on every process (`multihost_utils.reached_preemption_sync_point`).
-  Checked every step, since the check is a lock and a compare on the host: no collective, no wait
-  for the devices. A SIGINT (Ctrl-C) is passed on as a SIGTERM to its own process, to the same
-  end. With jax's preemption service turned off (jax_enable_preemption_service=False) nothing
-  is handled: a signal ends its process, and the same command resumes from the last complete
-  checkpoint. Handlers can only be installed from the main thread; elsewhere this records nothing."""
+  """SIGTERM/SIGINT become a save and a clean stop after a step: `due()`, called once per step,
+  says when. With several processes all must stop after the same step, or orbax's collective save
+  would wait for those still training: a SIGTERM goes to jax's preemption notifier, whose sync
+  point every process reaches at the same call of `due()` (a SIGINT is passed on as a SIGTERM).
+  With jax's preemption service off, or outside the main thread, nothing is handled."""
 
   def __init__(self):
     self.requested: int | None = None
@@ -139,6 +130,71 @@ class StopSignal:
       signal.signal(sig, handler)
 
 
+class _Throughput:
+  """Images per second since the first step, whose compile is timed apart."""
+
+  def __init__(self, start: int, batch_size: int):
+    self.batch_size = batch_size
+    self.t0 = self.t_last = time.perf_counter()
+    self.n_last = start
+    self.speed = {"images_per_s": float("nan"), "compile_s": float("nan")}
+
+  def compiled(self, step: int) -> None:
+    self.t_last = time.perf_counter()
+    self.speed["compile_s"] = self.t_last - self.t0
+    self.n_last = step + 1
+
+  def images_per_s(self, step: int) -> float:
+    if step + 1 > self.n_last:
+      self.speed["images_per_s"] = ((step + 1 - self.n_last) * self.batch_size
+                                    / (time.perf_counter() - self.t_last))
+    return self.speed["images_per_s"]
+
+
+def _start_state(spec: specs.ModelSpec, config: ml_collections.ConfigDict,
+                 tc: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 resume_from: Any) -> TrainState:
+  """A fresh state replicated on the mesh, or the checkpoint tree `resume_from` placed like it."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), MODEL_INDEX[spec.name])
+  state = parallel.replicate(
+      create_train_state(key, spec.model, spec.init_args, make_optimizer(tc), tc.ema_decay), mesh)
+  if resume_from is not None:
+    state = state.from_checkpoint_tree(parallel.replicate(resume_from, mesh))
+  return state
+
+
+def _steps(name: str, tc: ml_collections.ConfigDict, state: TrainState, step_fn, batches,
+           bar, ckpt: checkpoint.Checkpointer, writer: MetricsWriter, stop: StopSignal | None,
+           meter: _Throughput, one_in_flight: bool) -> TrainState:
+  """The steps from `state.step` to `tc.steps`: log, save, stop or refuse a diverged state."""
+  start = int(state.step)
+  steps, log_every, ckpt_every = int(tc.steps), int(tc.log_every), int(tc.ckpt_every)
+  for step, batch in zip(bar, batches):
+    state, metrics = step_fn(state, batch)
+    if one_in_flight or step == start:
+      jax.block_until_ready(state.step)
+    if step == start:
+      meter.compiled(step)
+    log_due = (step + 1) % log_every == 0 or step + 1 == steps
+    save_due = (step + 1) % ckpt_every == 0
+    stopping = stop is not None and stop.due()   # every step, on every process
+    if log_due or stopping or save_due:
+      # Checked before any save, so a diverged state never replaces a good checkpoint. Every
+      # process decides alike: the metrics are replicated, and so are the steps that read them.
+      host = _host_metrics(metrics)
+      if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+        raise Diverged(name, step + 1, ckpt.latest_step(), ckpt.directory)
+    if log_due:
+      img_s = meter.images_per_s(step)
+      writer.write({"model": name, "step": step + 1, **host, "images_per_s": img_s})
+      bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{img_s:.0f}")
+    if save_due or stopping:
+      ckpt.save(step + 1, state.checkpoint_tree(), force=True)
+    if stopping:
+      raise Preempted(name, step + 1)
+  return state
+
+
 def train_model(spec: specs.ModelSpec, config: ml_collections.ConfigDict, workdir: str,
                 train_ds: data.Dataset | data.Records, mesh: jax.sharding.Mesh,
                 writer: MetricsWriter, progress: bool = True, stop: StopSignal | None = None,
@@ -150,64 +206,26 @@ def train_model(spec: specs.ModelSpec, config: ml_collections.ConfigDict, workdi
   the loss or gradient norm is non-finite at a logging or checkpoint step."""
   name = spec.name
   tc = config_lib.model_train_config(config, name)
-  tx = make_optimizer(tc)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), MODEL_INDEX[name])
-  state = parallel.replicate(create_train_state(key, spec.model, spec.init_args, tx, tc.ema_decay), mesh)
-  ckpt = checkpoint.Checkpointer(wd.checkpoint_dir(workdir, name), save_every=tc.ckpt_every,
-                                 keep=tc.keep_ckpts, warn_incomplete=False)   # read_resumable warned
-  if resume_from is not None:   # host arrays, placed like the fresh state (replicated on the mesh)
-    state = state.from_checkpoint_tree(parallel.replicate(resume_from, mesh))
+  state = _start_state(spec, config, tc, mesh, resume_from)
   start = int(state.step)
   writer.rewind(name, start)
-  step_fn = make_train_step(spec.loss_fn, mesh)
-  # Host batches (this process's rows, uint8 images), placed on the mesh two steps ahead; the
-  # loop calls orbax only when a save is due.
+  ckpt = checkpoint.Checkpointer(wd.checkpoint_dir(workdir, name), save_every=tc.ckpt_every,
+                                 keep=tc.keep_ckpts, warn_incomplete=False)   # read_resumable warned
+  # This process's rows as uint8 host batches, placed on the mesh two steps ahead.
   host_batches = data.Batches(train_ds, tc.batch_size, seed=specs.data_seed(config, name),
                               start_step=start, stop_step=tc.steps,
                               process_index=jax.process_index(), process_count=jax.process_count())
-  speed = {"images_per_s": float("nan"), "compile_s": float("nan")}
   bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=name,
-             disable=not (progress and is_primary()),
-             dynamic_ncols=True, mininterval=1.0)
-  steps, log_every, ckpt_every = int(tc.steps), int(tc.log_every), int(tc.ckpt_every)  # not per step
-  t0 = time.perf_counter()
-  t_last, n_last = t0, start
-  batches = parallel.prefetch_to_device(host_batches, mesh)
-  one_in_flight = cpu.one_step_in_flight(mesh)
+             disable=not (progress and is_primary()), dynamic_ncols=True, mininterval=1.0)
+  meter = _Throughput(start, tc.batch_size)
   try:
-    for step, batch in zip(bar, batches):
-      state, metrics = step_fn(state, batch)
-      if one_in_flight:
-        jax.block_until_ready(state.step)
-      if step == start:   # the first call compiles: time it apart from the throughput
-        jax.block_until_ready(state.step)
-        speed["compile_s"] = time.perf_counter() - t0
-        t_last, n_last = time.perf_counter(), step + 1
-      log_due = (step + 1) % log_every == 0 or step + 1 == steps
-      save_due = (step + 1) % ckpt_every == 0
-      stopping = stop is not None and stop.due()   # every step, on every process
-      if log_due or stopping or save_due:
-        # Checked before any save: a diverged state is never written over a good checkpoint.
-        # With several processes all decide alike, so none is left alone in a collective save:
-        # the metrics are replicated (one value everywhere) and so are the steps that look at
-        # them (log and save steps by the config, a stop by agreement).
-        host = _host_metrics(metrics)
-        if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
-          raise Diverged(name, step + 1, ckpt.latest_step(), ckpt.directory)
-      if log_due:
-        now = time.perf_counter()
-        if step + 1 > n_last:
-          speed["images_per_s"] = (step + 1 - n_last) * tc.batch_size / (now - t_last)
-        writer.write({"model": name, "step": step + 1, **host, "images_per_s": speed["images_per_s"]})
-        bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{speed['images_per_s']:.0f}")
-      if save_due or stopping:   # orbax is only called when there is something to write
-        ckpt.save(step + 1, state.checkpoint_tree(), force=True)
-      if stopping:
-        raise Preempted(name, step + 1)
+    state = _steps(name, tc, state, make_train_step(spec.loss_fn, mesh),
+                   parallel.prefetch_to_device(host_batches, mesh), bar, ckpt, writer, stop,
+                   meter, cpu.one_step_in_flight(mesh))
     if ckpt.latest_step() != tc.steps:
       ckpt.save(tc.steps, state.checkpoint_tree(), force=True)
   finally:
     bar.close()
     host_batches.close()
     ckpt.close()
-  return state, speed
+  return state, meter.speed
