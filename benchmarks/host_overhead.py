@@ -20,7 +20,6 @@ The last line is `train_step_us=N sample_step_us=M`, the batch-64 figures. It us
 public API that predates the host-overhead work, so it also runs against older trees:
 `PYTHONPATH=/path/to/old/tree python benchmarks/host_overhead.py`.
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -30,7 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
+# This checkout only where no jaxguide is on sys.path, so that PYTHONPATH=/old/tree times that tree
+# (benchmarks/common.py would put this checkout first).
 if not any(os.path.isfile(os.path.join(p, "jaxguide", "__init__.py")) for p in sys.path if p):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jaxguide as jg  # noqa: E402
@@ -125,24 +127,32 @@ def sample_step_us(batch: int, steps: int, repeats: int = 5) -> float:
   return 1e6 * float(np.median(times)) / steps
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batches", default="64,256")
-  parser.add_argument("--train_steps", type=int, default=1000)
-  parser.add_argument("--sample_steps", type=int, default=1000)
-  args = parser.parse_args()
-  batches = [int(b) for b in args.batches.split(",")]
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("batches", "64,256", "Comma list of batch sizes.", flag_values=fv)
+  flags.DEFINE_integer("train_steps", 1000, "Training steps per batch size.", flag_values=fv)
+  flags.DEFINE_integer("sample_steps", 1000, "Sampling steps per batch size.", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  batches = [int(b) for b in FLAGS.batches.split(",")]
   print(f"jaxguide from {os.path.dirname(os.path.abspath(jg.__file__))}; jax {jax.__version__} "
         f"on {jax.devices()[0].platform}")
   train_step_us(batches[0], 2)   # one-time costs (data loading, first compilations) out of the way
   results = {}
   for b in batches:
-    results[b] = (train_step_us(b, args.train_steps), bare_step_us(b, args.train_steps),
-                  sample_step_us(b, args.sample_steps))
+    results[b] = (train_step_us(b, FLAGS.train_steps), bare_step_us(b, FLAGS.train_steps),
+                  sample_step_us(b, FLAGS.sample_steps))
     print(f"batch {b:4d}: train loop {results[b][0]:7.1f} us/step (bare jitted step "
           f"{results[b][1]:6.1f})   sample {results[b][2]:6.1f} us/step", flush=True)
   first = results[64] if 64 in results else results[batches[0]]
   print(f"train_step_us={first[0]:.0f} sample_step_us={first[2]:.0f}")
 
+
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  app.run(main)

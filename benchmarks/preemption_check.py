@@ -7,12 +7,13 @@ Starts 2 processes on 127.0.0.1 (jax.distributed on the CPU, as tests/multiproce
 each times `calls` back-to-back calls with no preemption pending (the state every step but the
 last is in) and prints µs per call. The last line is `sync_point_us=N`, the slower process's.
 """
-import argparse
-import os
 import socket
 import subprocess
 import sys
 import time
+
+import common
+from absl import flags
 
 
 def worker(port: int, process_id: int, calls: int) -> None:
@@ -27,20 +28,25 @@ def worker(port: int, process_id: int, calls: int) -> None:
   jax.distributed.shutdown()
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--calls", type=int, default=100_000)
-  parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--process_id", type=int, default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.process_id is not None:
-    return worker(args.port, args.process_id, args.calls)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("calls", 100_000, "Timed calls per process.", flag_values=fv)
+  # Set by the script itself for the 2 processes it starts.
+  flags.DEFINE_integer("port", None, "Internal: the coordinator's port.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Internal: this worker's process id.", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.process_id is not None:
+    return worker(FLAGS.port, FLAGS.process_id, FLAGS.calls)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, __file__, f"--calls={args.calls}", f"--port={port}",
-                             f"--process_id={i}"], env=env, stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, __file__, f"--calls={FLAGS.calls}", f"--port={port}",
+                             f"--process_id={i}"], env=common.cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True) for i in range(2)]
   try:
     times = [float(p.communicate(timeout=300)[0].split()[-1]) for p in procs]
@@ -49,9 +55,10 @@ def main() -> None:
       if p.poll() is None:
         p.kill()
   for i, t in enumerate(times):
-    print(f"process {i}: {t:.3f} us per reached_preemption_sync_point call ({args.calls} calls)")
+    print(f"process {i}: {t:.3f} us per reached_preemption_sync_point call ({FLAGS.calls} calls)")
   print(f"sync_point_us={max(times):.3f}")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

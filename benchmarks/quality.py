@@ -12,18 +12,15 @@ Every kind and scale is drawn with the same key, DDIM with the run's sampling de
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
 from jaxguide import pipeline
 from jaxguide.evaluation import plotting
@@ -85,7 +82,7 @@ def misclassified(samples: list, predictions: dict[str, list[np.ndarray]]) -> li
 def save_errors(samples: list, errors: list[dict], path: str, max_per_row: int = 12) -> None:
   """The misclassified samples as one figure: a row per kind and scale (at most max_per_row
   tiles, the row's count in its label), each tile titled requested -> the judges' readings."""
-  plt = plotting._pyplot()
+  plt = plotting.pyplot()
   groups = {group.kind: group for group in samples}
   rows = len(errors)
   fig, axes = plt.subplots(rows, max_per_row, figsize=(0.9 * max_per_row + 1.2, 1.05 * rows + 0.3),
@@ -101,60 +98,69 @@ def save_errors(samples: list, errors: list[dict], path: str, max_per_row: int =
         side.set_visible(False)
       if k < len(point["samples"]):
         e = point["samples"][k]
-        plotting._show_image(ax, group.images[e["index"]])
+        plotting.show_image(ax, group.images[e["index"]])
         reads = "/".join(str(v) for name, v in e.items() if name not in ("index", "requested"))
         ax.set_title(f"{e['requested']}→{reads}", fontsize=7)
-  plotting._save_figure(fig, path)
+  plotting.save_figure(fig, path)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--judge", default=None, help="workdir of a second, independent evaluator")
-  p.add_argument("--scale", action="append", default=None, help="KIND=LIST, repeatable")
-  p.add_argument("--num_per_class", type=int, default=50)
-  p.add_argument("--sampler", default=None)
-  p.add_argument("--steps", type=int, default=None)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--guide_conditional", action=argparse.BooleanOptionalAction, default=None,
-                 help="classifier guidance on ε(x,t,y) or (--no-guide_conditional) ε(x,t,∅); "
-                      "default: the run's sample.guide_conditional, as sample.py")
-  p.add_argument("--json", default=None)
-  p.add_argument("--frontier", default=None, help="PNG: FD ÷ floor against accuracy, a line per kind "
-                 "(the first judge's)")
-  p.add_argument("--errors", default=None,
-                 help="PNG: every sample a judge puts in another class, a row per kind and scale, each "
-                      "titled requested -> what each judge read (also listed in --json under 'errors')")
-  p.add_argument("--option", action="append", default=[],
-                 help="NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS), e.g. norm_threshold=15")
-  args = p.parse_args()
-  scales = parse_scales(args.scale or ["none=1", "cfg=2,3", "classifier=2,4"])
-  run = pipeline.load_run(args.workdir)
-  if args.errors and len(run.shape) != 3:
-    raise SystemExit(f"error: --errors draws image samples; {args.workdir} holds data of shape "
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A folder trained by train.py.", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_string("judge", None, "Workdir of a second, independent evaluator.", flag_values=fv)
+  flags.DEFINE_multi_string("scale", None, "KIND=LIST, repeatable (default: none=1, cfg=2,3, "
+                            "classifier=2,4).", flag_values=fv)
+  flags.DEFINE_integer("num_per_class", 50, "Samples per class, kind and scale.", flag_values=fv)
+  flags.DEFINE_string("sampler", None, "Sampler (default: the run's sample.sampler).", flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's sample.steps).",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_bool("guide_conditional", None, "Classifier guidance on ε(x,t,y) or "
+                    "(--noguide_conditional) ε(x,t,∅); default: the run's sample.guide_conditional, "
+                    "as sample.py.", flag_values=fv)
+  flags.DEFINE_string("json", None, "Output file: settings, each judge's rows and summary, and the "
+                      "misclassified samples.", flag_values=fv)
+  flags.DEFINE_string("frontier", None, "PNG: FD ÷ floor against accuracy, a line per kind (the "
+                      "first judge's).", flag_values=fv)
+  flags.DEFINE_string("errors", None, "PNG: every sample a judge puts in another class, a row per "
+                      "kind and scale, each titled requested -> what each judge read (also listed in "
+                      "--json under 'errors').", flag_values=fv)
+  flags.DEFINE_multi_string("option", [], "NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS), e.g. "
+                            "norm_threshold=15; repeatable.", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  scales = parse_scales(FLAGS.scale or ["none=1", "cfg=2,3", "classifier=2,4"])
+  run = pipeline.load_run(FLAGS.workdir)
+  if FLAGS.errors and len(run.shape) != 3:
+    raise SystemExit(f"error: --errors draws image samples; {FLAGS.workdir} holds data of shape "
                      f"{run.shape}: leave --errors out (the JSON lists the misclassified samples)")
   sc = run.config.sample
   # The run's sampling defaults (spacing, clip_x0), exactly as sample.py fills them.
-  flagged = {} if args.guide_conditional is None else {"guide_conditional": args.guide_conditional}
-  for entry in args.option:
+  flagged = {} if FLAGS.guide_conditional is None else {"guide_conditional": FLAGS.guide_conditional}
+  for entry in FLAGS.option:
     name, _, value = entry.partition("=")
     if name not in pipeline.GUIDE_OPTIONS:
       raise SystemExit(f"error: --option {name}: use one of {', '.join(pipeline.GUIDE_OPTIONS)}")
     parsed = json.loads(value) if value[:1] in "[0123456789-." else value
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
     flagged[name] = tuples(parsed)   # hashable: options key the compile cache
-  opts = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
+  opts = {"sampler": FLAGS.sampler or sc.sampler, "steps": FLAGS.steps or sc.steps,
           **sample_request.config_options(run, flagged)}
   judges = {"evaluator": evaluation.run_judge(run)}
-  if args.judge:
-    judges["judge2"] = judge_of(args.judge, run)
+  if FLAGS.judge:
+    judges["judge2"] = judge_of(FLAGS.judge, run)
   start = time.perf_counter()
-  samples = evaluation.draw(run, jax.random.PRNGKey(args.seed), scales, list(range(run.num_classes)),
-                          args.num_per_class, **opts)
+  samples = evaluation.draw(run, jax.random.PRNGKey(FLAGS.seed), scales, list(range(run.num_classes)),
+                          FLAGS.num_per_class, **opts)
   if len(run.shape) == 3:   # images are judged as sample.py writes them: clipped to [−1, 1]
     samples = [dataclasses.replace(s, images=np.clip(s.images, -1.0, 1.0)) for s in samples]
   sample_s = time.perf_counter() - start
-  result = {"workdir": args.workdir, "options": opts, "num_per_class": args.num_per_class,
+  result = {"workdir": FLAGS.workdir, "options": opts, "num_per_class": FLAGS.num_per_class,
             "sample_s": sample_s}
   predictions = {}
   for name, judge in judges.items():
@@ -171,17 +177,16 @@ def main() -> None:
             f"({r['frechet_distance'] / ref['floor']:.2f}x)  div {r['diversity']:.2f}")
   print(f"sampling {sample_s:.0f} s")
   result["errors"] = misclassified(samples, predictions)
-  if args.errors:
-    save_errors(samples, result["errors"], args.errors)
-  if args.frontier:
+  if FLAGS.errors:
+    save_errors(samples, result["errors"], FLAGS.errors)
+  if FLAGS.frontier:
     first = next(iter(judges))
-    plotting.save_frontier(result[first]["rows"], args.frontier, floor=result[first]["floor"],
-                           title=f"{opts['sampler']}, {opts['steps']} steps, {args.num_per_class * run.num_classes} "
+    plotting.save_frontier(result[first]["rows"], FLAGS.frontier, floor=result[first]["floor"],
+                           title=f"{opts['sampler']}, {opts['steps']} steps, {FLAGS.num_per_class * run.num_classes} "
                                  f"samples per point ({first})")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1, default=float)
+  common.write_json(FLAGS.json, result, indent=1, default=float)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

@@ -13,12 +13,12 @@ reaches 98 % (the issue's accuracy target) and marks its FD targets, 2x and 3x t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+from absl import flags
 
 from jaxguide.evaluation import plotting
 
@@ -52,21 +52,31 @@ def point(entry: str, judge: str = "evaluator") -> dict:
           "fd_ratio_98": first_98["frechet_distance"] / result["floor"] if first_98 else None}
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--point", action="append", required=True)
-  p.add_argument("--baseline", default=None)
-  p.add_argument("--out", required=True)
-  p.add_argument("--title", default="mnist:quick recipe on the 2-core CPU")
-  p.add_argument("--judge", default="evaluator",
-                 help="whose reading of each file: evaluator (the run's own) or judge2")
-  args = p.parse_args()
-  points = [point(e, args.judge) for e in args.point]
-  baseline = point(args.baseline, args.judge) if args.baseline else None
-  plotting.save_quality_curve(points, args.out, baseline=baseline,
-                              title=args.title, fd_targets=(2.0, 3.0))
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string("point", None, "MINUTES=FILE: a run's train.py minutes and its quality.py "
+                            "JSON; repeatable.", flag_values=fv)
+  flags.mark_flag_as_required("point", flag_values=fv)
+  flags.DEFINE_string("baseline", None, "MINUTES=FILE or MINUTES=ACC_S1,BEST_ACC,FD_RATIO: the run "
+                      "to compare with.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output PNG.", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+  flags.DEFINE_string("title", "mnist:quick recipe on the 2-core CPU", "Figure title.", flag_values=fv)
+  flags.DEFINE_string("judge", "evaluator", "Whose reading of each file: evaluator (the run's own) "
+                      "or judge2.", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  points = [point(e, FLAGS.judge) for e in FLAGS.point]
+  baseline = point(FLAGS.baseline, FLAGS.judge) if FLAGS.baseline else None
+  plotting.save_quality_curve(points, FLAGS.out, baseline=baseline,
+                              title=FLAGS.title, fd_targets=(2.0, 3.0))
   print(json.dumps(points))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

@@ -46,11 +46,9 @@ on both, and the PyTorch training step weights its ε-loss by `score.weighting` 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -61,13 +59,15 @@ import types
 from typing import Any, Callable, Optional
 
 import numpy as np
+from absl import flags
 
 # Before the heavy imports below: --budget-s counts from the start of the process.
 PROCESS_START = time.perf_counter()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
+if __package__:   # imported as benchmarks.run (tests/bench_test.py)
+  from benchmarks import common
+else:   # python benchmarks/run.py, or `import run` with benchmarks/ on sys.path
+  import common
 from jaxguide import cpu
 
 if __name__ == "__main__":
@@ -405,7 +405,7 @@ def calibrate(call: Callable, sync: Callable, min_s: float) -> int:
 class Bench:
   """What every benchmark needs: the networks of both sides, devices, output file, settings."""
 
-  args: argparse.Namespace
+  args: types.SimpleNamespace       # the flags, as parsed by `flag_args`
   preset: dict
   device: str                        # torch device
   mesh: jax.sharding.Mesh
@@ -474,10 +474,7 @@ class Bench:
       record["torch_peak_fraction"] = record["flops"] / torch_s / peak if torch_s else None
     self.records.append(record)
     print(f"{format_row(record)}  [{time.perf_counter() - self.start:.0f} s]", flush=True)
-    tmp = self.args.json + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.records, f, indent=1)
-    os.replace(tmp, self.args.json)
+    common.write_json(self.args.json, self.records, indent=1)
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -905,44 +902,51 @@ HEADER = (f"{'name':<34}{'batch':>6}{'jax s':>10}{'torch s':>10}{'t/j':>8}{'max|
           f"{'comp s':>9}{'GFLOP':>11}{'jax%pk':>8}{'trc%pk':>8}")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--json", required=True, help="output file: a list of records")
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  parser.add_argument("--quick", action="store_true",
-                      help=f"short run: {QUICK} (the records' names say the step counts)")
-  parser.add_argument("--smoke", action="store_true",
-                      help="every check and record once on tiny networks and sizes, in seconds "
-                           "(CI: the script runs; no timing means anything)")
-  parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, quick 2)")
-  parser.add_argument("--steps", type=int, help="sampling steps at the small batch (1000)")
-  parser.add_argument("--large-batch", type=int)
-  parser.add_argument("--large-steps", type=int)
-  parser.add_argument("--jax-devices", type=int, default=0,
-                      help="XLA CPU devices (default: one per core, jaxguide.cpu.split_host)")
-  parser.add_argument("--torch-threads", type=int, default=0, help="default: one per core")
-  parser.add_argument("--f32-precision", choices=("tf32", "highest"), default="tf32",
-                      help="float32 products on GPU: TF32 on both sides, or IEEE float32")
-  parser.add_argument("--clf-scale", type=float, default=8.0, help="classifier guidance w")
-  parser.add_argument("--cfg-scale", type=float, default=3.0, help="CFG s")
-  parser.add_argument("--min-run-s", type=float,
-                      help="short calls are repeated within one timed run to last this long "
-                           "(default 0.2, --smoke 0)")
-  parser.add_argument("--only", default="", help="regex: run only the records it matches")
-  parser.add_argument("--budget-s", type=float,
-                      help="start no record after this many seconds, so that a run under a hard "
-                           "time limit still ends with its table (gpu default 480, cpu none)")
-  parser.add_argument("--keep-going", action="store_true",
-                      help="a failed check does not stop the timings (the exit status is still 1)")
-  return parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("json", None, "Output file: a list of records.", flag_values=fv)
+  flags.mark_flag_as_required("json", flag_values=fv)
+  flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Networks, sizes and device.", flag_values=fv)
+  flags.DEFINE_bool("quick", False, f"Short run: {QUICK} (the records' names say the step counts).",
+                    flag_values=fv)
+  flags.DEFINE_bool("smoke", False, "Every check and record once on tiny networks and sizes, in "
+                    "seconds (CI: the script runs; no timing means anything).", flag_values=fv)
+  flags.DEFINE_integer("repeats", None, "Timed runs per side (default 5, quick 2).", flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Sampling steps at the small batch (1000).", flag_values=fv)
+  flags.DEFINE_integer("large-batch", None, "The large sampling batch (the preset's).",
+                       flag_values=fv)
+  flags.DEFINE_integer("large-steps", None, "Sampling steps at the large batch (the preset's).",
+                       flag_values=fv)
+  flags.DEFINE_integer("jax-devices", 0, "XLA CPU devices (default: one per core, "
+                       "jaxguide.cpu.split_host).", flag_values=fv)
+  flags.DEFINE_integer("torch-threads", 0, "PyTorch threads (default: one per core).", flag_values=fv)
+  flags.DEFINE_enum("f32-precision", "tf32", ["tf32", "highest"], "float32 products on GPU: TF32 "
+                    "on both sides, or IEEE float32.", flag_values=fv)
+  flags.DEFINE_float("clf-scale", 8.0, "Classifier guidance w.", flag_values=fv)
+  flags.DEFINE_float("cfg-scale", 3.0, "CFG s.", flag_values=fv)
+  flags.DEFINE_float("min-run-s", None, "Short calls are repeated within one timed run to last "
+                     "this long (default 0.2, --smoke 0).", flag_values=fv)
+  flags.DEFINE_string("only", "", "Regex: run only the records it matches.", flag_values=fv)
+  flags.DEFINE_float("budget-s", None, "Start no record after this many seconds, so that a run "
+                     "under a hard time limit still ends with its table (gpu default 480, cpu "
+                     "none).", flag_values=fv)
+  flags.DEFINE_bool("keep-going", False, "A failed check does not stop the timings (the exit "
+                    "status is still 1).", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def flag_args(fv: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags as attributes, hyphens as underscores (args.budget_s for --budget-s);
+  `configure` fills in the defaults that depend on the preset."""
+  return types.SimpleNamespace(**{f.name.replace("-", "_"): f.value
+                                  for f in fv.get_flags_for_module(sys.modules[__name__])})
 
 
 def configure(args) -> dict:
   """Environment for both frameworks; must run before JAX starts its backend."""
   if args.jax_devices:
-    flags = re.sub(rf"{cpu.CPU_DEVICES_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} {cpu.CPU_DEVICES_FLAG}={args.jax_devices}".strip()
+    os.environ["XLA_FLAGS"] = common.xla_flags(args.jax_devices)
   else:
     cpu.split_host()
   # Both frameworks share the GPU: JAX must not grab 75 % of its memory up front.
@@ -970,8 +974,9 @@ def configure(args) -> dict:
   return preset
 
 
-def main(argv=None) -> None:
-  args = parse_args(argv)
+def main(argv) -> None:
+  del argv
+  args = flag_args(FLAGS)
   preset = configure(args)
   b = make_bench(args, preset)
   print(f"device: {b.device_name}\npreset: {args.preset} {preset}\n"
@@ -991,4 +996,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

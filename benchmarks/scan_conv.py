@@ -9,52 +9,50 @@ compiled step — with flax's convolutions on `lax.conv_general_dilated` ("lax")
 Prints one JSON line per (convolution, loop): milliseconds per guided step, median of 5 runs.
 --smoke: networks of one level of 8 channels, 2 steps, 1 run: that the script runs (CI).
 """
-import argparse
 import functools
-import json
 import os
-import sys
-import time
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--batch", type=int, default=8)
-parser.add_argument("--devices", type=int, default=1)
-parser.add_argument("--smoke", action="store_true", help="tiny networks, 2 steps, 1 run (CI)")
-args = parser.parse_args()
-# The device count replaces any in XLA_FLAGS; the other flags there stay.
-DEVICES_FLAG = "--xla_force_host_platform_device_count"
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG)]
-    + [f"{DEVICES_FLAG}={args.devices}"])
+import common
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax import lax
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import mnist  # noqa: E402
+from configs import mnist
 from jaxguide.models import conv
 from jaxguide import guidance
 from jaxguide.diffusion import score
 from jaxguide import models
-from jaxguide.diffusion.sde import VPSDE  # noqa: E402
+from jaxguide.diffusion.sde import VPSDE
 
-STEPS, RUNS = (2, 1) if args.smoke else (24, 5)
+STEPS, RUNS = 24, 5
+SMOKE_STEPS, SMOKE_RUNS = 2, 1
 SMOKE_MODEL = dict(ch=8, ch_mult=(1,), groups=4)
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("batch", 8, "Samples per guided step.", flag_values=fv)
+  flags.DEFINE_integer("devices", 1, "XLA CPU devices (replaces any count in XLA_FLAGS).",
+                       flag_values=fv)
+  flags.DEFINE_bool("smoke", False, f"Tiny networks, {SMOKE_STEPS} steps, {SMOKE_RUNS} run (CI).",
+                    flag_values=fv)
+
+
+FLAGS = flags.FLAGS
 
 
 def guided_step(conv_fn):
   models.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_fn)   # what the modules build
   config = mnist.get_config("quick")
   config.score.model.param = "eps"   # the bare UNet (v-prediction adds two elementwise ops)
-  if args.smoke:
+  if FLAGS.smoke:
     config.score.model.update(SMOKE_MODEL)
     config.classifier.model.update(SMOKE_MODEL)
   unet = models.build_model(config.score.model, 10, jnp.float32)
   clf = models.build_model(config.classifier.model, 10, jnp.float32)
-  b = args.batch
+  b = FLAGS.batch
   x, t, y = jnp.zeros((b, 28, 28, 1)), jnp.full((b,), 0.5), jnp.arange(b) % 10
   # Shapes only, filled with numpy's noise: an eager init of the UNet, or jax.random per leaf
   # (one threefry compile per shape), spends seconds on values that do not change the speed.
@@ -71,18 +69,17 @@ def guided_step(conv_fn):
   return eps, params, x
 
 
-def timed(fn, *a):
-  fn(*a).block_until_ready()
-  runs = []
-  for _ in range(RUNS):
-    start = time.perf_counter()
-    fn(*a).block_until_ready()
-    runs.append(time.perf_counter() - start)
-  return 1000 * float(np.median(runs)) / STEPS
+def ms_per_step(fn, args, steps: int, runs: int) -> float:
+  """Median milliseconds per guided step of `fn(*args)`, a loop of `steps` steps."""
+  return 1000 * float(np.median(common.timed_runs(lambda: fn(*args).block_until_ready(), runs))) / steps
 
 
-def main():
-  times = jnp.linspace(1.0, 0.01, STEPS)
+def main(argv):
+  del argv
+  # Before jax starts its backend: the device count replaces any in XLA_FLAGS.
+  os.environ["XLA_FLAGS"] = common.xla_flags(FLAGS.devices)
+  steps, runs = (SMOKE_STEPS, SMOKE_RUNS) if FLAGS.smoke else (STEPS, RUNS)
+  times = jnp.linspace(1.0, 0.01, steps)
   for name, conv_fn in (("lax", lax.conv_general_dilated), ("jaxguide", conv.conv_general_dilated)):
     eps, params, x0 = guided_step(conv_fn)
     body = lambda p: lambda x, t: (x - 1e-3 * eps(p, x, t), None)
@@ -95,9 +92,10 @@ def main():
         x = one(p, x, t)
       return x
     for loop, fn in (*loops.items(), ("python", python_loop)):
-      print(json.dumps({"conv": name, "loop": loop, "batch": args.batch, "devices": args.devices,
-                        "ms_per_step": round(timed(fn, params, x0), 2)}), flush=True)
+      common.print_record({"conv": name, "loop": loop, "batch": FLAGS.batch, "devices": FLAGS.devices,
+                           "ms_per_step": round(ms_per_step(fn, (params, x0), steps, runs), 2)})
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main)

@@ -17,22 +17,20 @@ Every point uses the same key; the sampler and steps are the run's defaults unle
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+import jax
+import numpy as np
+from absl import flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.quality import judge_of  # noqa: E402
+from benchmarks.quality import judge_of
 from jaxguide import conditioning
 from jaxguide import pipeline
 from jaxguide import evaluation
 from jaxguide.cli import sample_request
+from jaxguide.evaluation import plotting
 
 
 def accuracy_rows(run, judges, prompts, classes, scales, n, opts, seed):
@@ -73,56 +71,63 @@ def negative_rows(run, judge, digits, scales, n, opts, seed):
   return rows
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--judge", help="a workdir holding an independent evaluator (configs/mnist.py:judge)")
-  p.add_argument("--scales", default="1,2,3")
-  p.add_argument("--num_per_prompt", type=int, default=13)
-  p.add_argument("--negative", default="1,7", help="digits whose 'the digit d' is the negative prompt")
-  p.add_argument("--negative_scales", default="1,2,3")
-  p.add_argument("--num_negative", type=int, default=500)
-  p.add_argument("--splits", default="held_out,train", help="caption splits to judge")
-  p.add_argument("--sampler")
-  p.add_argument("--steps", type=int)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json")
-  p.add_argument("--plot")
-  args = p.parse_args(argv)
-  run = pipeline.load_run(args.workdir)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A folder trained on text (configs/mnist_text.py).",
+                      flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_string("judge", None, "A workdir holding an independent evaluator "
+                      "(configs/mnist.py:judge).", flag_values=fv)
+  flags.DEFINE_string("scales", "1,2,3", "Comma list of CFG scales for the captions.", flag_values=fv)
+  flags.DEFINE_integer("num_per_prompt", 13, "Samples per caption and scale.", flag_values=fv)
+  flags.DEFINE_string("negative", "1,7", "Digits whose 'the digit d' is the negative prompt.",
+                      flag_values=fv)
+  flags.DEFINE_string("negative_scales", "1,2,3", "Comma list of scales for the negative prompts.",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_negative", 500, "Samples per negative prompt and scale.", flag_values=fv)
+  flags.DEFINE_string("splits", "held_out,train", "Caption splits to judge.", flag_values=fv)
+  flags.DEFINE_string("sampler", None, "Sampler (default: the run's).", flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_string("json", None, "Output file: the printed result.", flag_values=fv)
+  flags.DEFINE_string("plot", None, "Output PNG: accuracy per scale and the negative prompts' share.",
+                      flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> int:
+  del argv
+  run = pipeline.load_run(FLAGS.workdir)
   if run.captions is None:
-    raise SystemExit(f"error: --workdir={args.workdir} was not trained on text")
+    raise SystemExit(f"error: --workdir={FLAGS.workdir} was not trained on text")
   req = sample_request.complete_request(sample_request.Request(
-      guidance=("cfg",), sampler=args.sampler, steps=args.steps, prompts=["<held_out>"]), run)
+      guidance=("cfg",), sampler=FLAGS.sampler, steps=FLAGS.steps, prompts=["<held_out>"]), run)
   opts = dict(sampler=req.sampler, steps=req.steps, spacing=req.spacing, **req.options)
   judges = {"evaluator": evaluation.run_judge(run)}
-  if args.judge:
-    judges["judge"] = judge_of(args.judge, run)
-  scales = [float(v) for v in args.scales.split(",")]
+  if FLAGS.judge:
+    judges["judge"] = judge_of(FLAGS.judge, run)
+  scales = [float(v) for v in FLAGS.scales.split(",")]
   cap = run.captions
-  out = {"workdir": args.workdir, "sampler": req.sampler, "steps": req.steps,
-         "num_per_prompt": args.num_per_prompt}
+  out = {"workdir": FLAGS.workdir, "sampler": req.sampler, "steps": req.steps,
+         "num_per_prompt": FLAGS.num_per_prompt}
   start = time.perf_counter()
-  splits = [v for v in args.splits.split(",") if v]
+  splits = [v for v in FLAGS.splits.split(",") if v]
   for split in splits:
     keep = cap.split == split
     prompts, classes = [str(c) for c in cap.captions[keep]], cap.labels[keep]
-    out[split], _ = accuracy_rows(run, judges, prompts, classes, scales, args.num_per_prompt,
-                                  opts, args.seed)
+    out[split], _ = accuracy_rows(run, judges, prompts, classes, scales, FLAGS.num_per_prompt,
+                                  opts, FLAGS.seed)
     out[f"{split}_prompts"] = len(prompts)
-  digits = [int(d) for d in args.negative.split(",") if d.strip()]
+  digits = [int(d) for d in FLAGS.negative.split(",") if d.strip()]
   out["negative"] = negative_rows(run, judges.get("judge", judges["evaluator"]), digits,
-                                  [float(v) for v in args.negative_scales.split(",")],
-                                  args.num_negative, opts, args.seed)
+                                  [float(v) for v in FLAGS.negative_scales.split(",")],
+                                  FLAGS.num_negative, opts, FLAGS.seed)
   out["seconds"] = time.perf_counter() - start
   print(json.dumps(out, indent=2))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
-  if args.plot:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  common.write_json(FLAGS.json, out, indent=2)
+  if FLAGS.plot:
+    plt = plotting.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
     for split, style in (("held_out", "-o"), ("train", ":s")):
       if split not in out:
@@ -140,9 +145,10 @@ def main(argv=None) -> int:
     b.set_xlabel("scale s (1 = unconditional)"), b.set_ylabel("share judged as that digit")
     b.set_title('prompt "" with a negative prompt', fontsize=9), b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.plot)
+    fig.savefig(FLAGS.plot)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags(FLAGS)
+  common.run(main)

@@ -7,18 +7,13 @@ Prints one JSON line per network: parameters, compile seconds, median / best ste
 --smoke builds each named network of one level of 8 channels instead (UNet or classifier as
 named): that the script runs, not how fast (CI).
 """
-import argparse
-import json
-import os
-import sys
-import time
-
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxguide import models
 
 
@@ -40,17 +35,14 @@ def bench(model, kind, batch=64, repeats=7):
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s, value
 
-  start = time.perf_counter()
-  compiled = jax.jit(step).lower(params, opt.init(params)).compile()
-  compile_s = time.perf_counter() - start
-  p, s, _ = compiled(params, opt.init(params))
-  jax.block_until_ready(p)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    p, s, value = compiled(p, s)
+  compiled, compile_s = common.timed(lambda: jax.jit(step).lower(params, opt.init(params)).compile())
+  state = [params, opt.init(params)]
+
+  def one_step():
+    p, s, value = compiled(*state)
     jax.block_until_ready((p, value))
-    times.append(time.perf_counter() - start)
+    state[:] = p, s
+  times = common.timed_runs(one_step, repeats)   # after a first, untimed step
   med, best = float(np.median(times)), float(min(times))
   return {"params": models.count_params(params), "compile_s": round(compile_s, 2),
           "step_ms_median": round(med * 1e3), "step_ms_min": round(best * 1e3),
@@ -71,22 +63,26 @@ SMOKE = {"eps": lambda: models.UNet(10, ch=8, ch_mult=(1,), groups=4),
          "clf": lambda: models.NoisyClassifier(10, ch=8, ch_mult=(1,), groups=4)}
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("names", nargs="*", metavar="NAME",
-                      help=f"networks to time (default all): {', '.join(CONFIGS)}")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=7, help="timed steps after the first")
-  parser.add_argument("--smoke", action="store_true", help="tiny networks of the named kinds (CI)")
-  args = parser.parse_args(argv)
-  unknown = [n for n in args.names if n not in CONFIGS]
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("batch", 64, "Batch size of the training step.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 7, "Timed steps after the first.", flag_values=fv)
+  flags.DEFINE_bool("smoke", False, "Tiny networks of the named kinds (CI).", flag_values=fv)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  names = argv[1:]   # networks to time (default all)
+  unknown = [n for n in names if n not in CONFIGS]
   if unknown:
-    parser.error(f"unknown network(s) {', '.join(unknown)}: use {', '.join(CONFIGS)}")
-  for name in args.names or list(CONFIGS):
+    common.usage_error(f"unknown network(s) {', '.join(unknown)}: use {', '.join(CONFIGS)}")
+  for name in names or list(CONFIGS):
     make, kind = CONFIGS[name]
-    model = SMOKE[kind]() if args.smoke else make()
-    print(name, json.dumps(bench(model, kind, args.batch, args.repeats)), flush=True)
+    model = SMOKE[kind]() if FLAGS.smoke else make()
+    common.print_record(bench(model, kind, FLAGS.batch, FLAGS.repeats), label=name)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags(FLAGS)
+  common.run(main, positional=True)

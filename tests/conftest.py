@@ -1,6 +1,8 @@
 """Shared fixtures (tiny configs that train in seconds, one trained toy workdir) and the suite's
 hermetic guard: no test reads the user's ~/.cache/jaxguide."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -15,6 +17,21 @@ if ROOT not in sys.path:
 # a dataset or model prepared by hand fails here as it would on a fresh machine.
 if not os.environ.get("JAXGUIDE_DATA"):
   os.environ["JAXGUIDE_DATA"] = tempfile.mkdtemp(prefix="jaxguide-test-data-")
+# One persistent XLA compilation cache per pytest run, inherited by every child interpreter and
+# removed at exit: a test that builds a program another test (or process) already compiled, such
+# as a fresh jit of the same network, loads the executable instead of compiling it again.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxguide-test-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "jax" in sys.modules:   # imported by a plugin before this file: jax read its flags already
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 USER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxguide")
 _user_cache_reads: list[str] = []
 

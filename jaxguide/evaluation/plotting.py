@@ -129,7 +129,7 @@ def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[
   guided scale) and fd_ratio (Fréchet distance ÷ its floor at that scale), optionally
   fd_ratio_98 (the ratio at the lowest scale reaching 98 %); `fd_targets` are FD ratios drawn
   as dashed lines."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
   pts = sorted(points, key=lambda p: p["minutes"])
   mins = [p["minutes"] for p in pts]
@@ -157,13 +157,13 @@ def save_quality_curve(points: Sequence[dict], path: str, *, baseline: Optional[
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def save_frontier(rows: Sequence[dict], path: str, *, floor: float, title: str = "") -> None:
   """Fidelity against accuracy, one line per guidance kind through its scales: each row a dict
   with guidance, scale, accuracy and frechet_distance (evaluate.measure's rows)."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
   for kind in dict.fromkeys(r["guidance"] for r in rows):
     mine = sorted((r for r in rows if r["guidance"] == kind), key=lambda r: r["scale"])
@@ -176,7 +176,7 @@ def save_frontier(rows: Sequence[dict], path: str, *, floor: float, title: str =
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   ax.set_title(title, fontsize=10)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 # ------------------------------------------------------------- diagnostics (diagnose.py's figures)
@@ -184,20 +184,22 @@ def save_frontier(rows: Sequence[dict], path: str, *, floor: float, title: str =
 _PER_ROW = 8   # panels per row in the across-t figures: 16 times read as two rows of eight
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only, no display)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
 
-def _save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
+  """Writes `fig` as a PNG at `path` (through a temporary name) and closes it."""
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", bbox_inches="tight")
-  _pyplot().close(fig)
+  pyplot().close(fig)
 
 
-def _show_image(ax, image: np.ndarray) -> None:
+def show_image(ax, image: np.ndarray) -> None:
   """One (H, W, C) image in [-1, 1], clipped (noised images leave that range), no ticks."""
   img = np.clip((np.asarray(image, np.float32) + 1.0) / 2.0, 0.0, 1.0)
   ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
@@ -210,7 +212,7 @@ def _pairs_of_rows(n: int, row_height: float, ratio: float):
   Returns (fig, [(top axis, bottom axis)] for the n pairs); unused slots are hidden."""
   cols = min(n, _PER_ROW)
   blocks = -(-n // cols)
-  fig, axes = _pyplot().subplots(2 * blocks, cols, figsize=(1.35 * cols, row_height * blocks),
+  fig, axes = pyplot().subplots(2 * blocks, cols, figsize=(1.35 * cols, row_height * blocks),
                                  squeeze=False, layout="constrained",
                                  gridspec_kw={"height_ratios": [1, ratio] * blocks})
   pairs = [(axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols])
@@ -234,7 +236,7 @@ def save_confidence_vs_t(noised: np.ndarray, probs: np.ndarray, times: np.ndarra
   colours = ["tab:red" if c == label else "0.6" for c in range(k)]
   fig, pairs = _pairs_of_rows(len(times), 2.7, 0.8)
   for i, (top, bottom) in enumerate(pairs):
-    _show_image(top, noised[i])
+    show_image(top, noised[i])
     top.set_title(_time_label(times[i]), fontsize=8)
     bottom.bar(range(k), probs[i], color=colours)
     bottom.set_ylim(0, 1)
@@ -245,7 +247,7 @@ def save_confidence_vs_t(noised: np.ndarray, probs: np.ndarray, times: np.ndarra
       bottom.set_yticklabels([])
   fig.suptitle(title or rf"noisy classifier $p_t(y\,|\,x_t)$; true class {names[label]} in red",
                fontsize=10)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def save_gradients(noised: np.ndarray, grads: np.ndarray, times: np.ndarray, label: int, path: str,
@@ -257,7 +259,7 @@ def save_gradients(noised: np.ndarray, grads: np.ndarray, times: np.ndarray, lab
   """
   fig, pairs = _pairs_of_rows(len(times), 2.9, 1.0)
   for i, (top, bottom) in enumerate(pairs):
-    _show_image(top, noised[i])
+    show_image(top, noised[i])
     top.set_title(_time_label(times[i]), fontsize=8)
     g = np.asarray(grads[i], np.float32).sum(axis=-1)
     m = float(np.max(np.abs(g))) or 1.0
@@ -266,11 +268,11 @@ def save_gradients(noised: np.ndarray, grads: np.ndarray, times: np.ndarray, lab
     bottom.set_yticks([])
     bottom.set_xlabel(f"max {m:.2g}", fontsize=7)
   fig.suptitle(title or rf"$\nabla_x \log p_t(y={label}\,|\,x_t)$ (red +, blue −)", fontsize=10)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def _class_colours(k: int) -> np.ndarray:
-  return np.asarray(_pyplot().get_cmap("tab10")(np.arange(k) % 10))[:, :3]
+  return np.asarray(pyplot().get_cmap("tab10")(np.arange(k) % 10))[:, :3]
 
 
 def save_posterior_maps(axis: np.ndarray, learned: np.ndarray, exact: np.ndarray, times: np.ndarray,
@@ -280,7 +282,7 @@ def save_posterior_maps(axis: np.ndarray, learned: np.ndarray, exact: np.ndarray
   row above the exact row, one column per time. `marks` (T, 2) puts a star at one point per time."""
   colours = _class_colours(learned.shape[-1])
   extent = (axis[0], axis[-1], axis[0], axis[-1])
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(2, len(times), figsize=(2.6 * len(times), 5.4), squeeze=False)
   for row, (name, probs) in enumerate((("classifier", learned), ("exact", exact))):
     for i, ax in enumerate(axes[row]):
@@ -293,7 +295,7 @@ def save_posterior_maps(axis: np.ndarray, learned: np.ndarray, exact: np.ndarray
         ax.set_title(col_titles[i] if col_titles else _time_label(times[i]), fontsize=8)
     axes[row, 0].set_ylabel(name, fontsize=9)
   fig.suptitle(title or r"$p_t(y\,|\,x)$: class colours mixed by probability", fontsize=10)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def save_point_panels(rows: Sequence[Sequence[tuple[np.ndarray, str]]], labels: np.ndarray, path: str,
@@ -302,7 +304,7 @@ def save_point_panels(rows: Sequence[Sequence[tuple[np.ndarray, str]]], labels: 
   """Panels of 2-D samples (N, 2) coloured by `labels` (N,), each over optional density contours
   (X, Y, Z); `rows` lists (points, panel title) per row, e.g. one row per guidance kind."""
   cols = max(len(r) for r in rows)
-  fig, axes = _pyplot().subplots(len(rows), cols, figsize=(2.8 * cols, 2.9 * len(rows)),
+  fig, axes = pyplot().subplots(len(rows), cols, figsize=(2.8 * cols, 2.9 * len(rows)),
                                  squeeze=False, sharex=True, sharey=True)
   for r, row in enumerate(rows):
     for c, ax in enumerate(axes[r]):
@@ -317,4 +319,4 @@ def save_point_panels(rows: Sequence[Sequence[tuple[np.ndarray, str]]], labels: 
     if row_labels is not None:
       axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
   fig.suptitle(title, fontsize=10)
-  _save_figure(fig, path)
+  save_figure(fig, path)
