@@ -16,7 +16,6 @@ import dataclasses
 import json
 import time
 
-import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +27,11 @@ from jaxguide.training import workdir as wd
 from jaxguide import models
 from jaxguide import evaluation
 from jaxguide.cli import sample_request
+
+if __package__:   # imported as benchmarks.quality (tests/diagnose_test.py)
+  from benchmarks import common
+else:   # python benchmarks/quality.py, or `import quality` with benchmarks/ on sys.path
+  import common
 
 
 def judge_of(workdir: str, run: pipeline.Run) -> evaluation.Judge:

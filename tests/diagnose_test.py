@@ -302,10 +302,7 @@ def test_quality_lists_and_draws_the_misclassified_samples(tmp_path):
   """benchmarks/quality.py --errors: per kind and scale, exactly the samples some judge reads as
   another class (index into the kind's batch, requested label, each judge's reading), drawn as one
   PNG; and summarise's best-accuracy scale is the lowest-FD of a tie."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "benchmarks", "quality.py"))
-  quality = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(quality)
+  from benchmarks import quality
   from jaxguide import evaluation
   y, s = evaluation.sweep_layout([0, 1, 2], 2, [1.0, 2.0])   # 6 samples per scale, 12 in the kind
   images = np.linspace(-1, 1, 12 * 4 * 4).reshape(12, 4, 4, 1).astype(np.float32)
