@@ -46,7 +46,7 @@ def main(argv):
   except training.Preempted as e:
     if jax.process_index() == 0:
       print(str(e), file=sys.stderr)
-    sys.exit(0)
+    sys.exit(cli.PREEMPTED_EXIT)
   except training.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxguide import conditioning, guidance, parallel, samplers
+from jaxguide import cluster, conditioning, guidance, parallel, samplers
 from jaxguide import config as config_lib
 from jaxguide.diffusion.score import eps_fn as bind_eps
 from jaxguide.diffusion.score import log_prob_fn as bind_log_prob
@@ -62,10 +62,21 @@ class Run:
 
 def restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | None:
   """The EMA parameters of a model's latest complete checkpoint as host arrays, checked against
-  the config's model (`model`, called with `init_args`); None when the model has none."""
-  tree = wd.restore_latest(workdir, name)   # CheckpointError (one line, with the fix) if damaged
-  if tree is None:
+  the config's model (`model`, called with `init_args`); None when the model has none. With
+  several processes the step is process 0's and the bytes are checked to agree (`cluster`)."""
+  latest = cluster.agree(lambda: wd.latest_step(workdir, name), f"{name}'s checkpoints")
+  step = cluster.agreed_step(latest, name)
+  if step is None:
     return None
+  params = cluster.agree(lambda: _ema_at(workdir, name, model, init_args, step),
+                         f"{name}'s checkpoint at step {step}")
+  if jax.process_count() > 1:
+    cluster.check_same_tree(params, name, step)
+  return params
+
+
+def _ema_at(workdir: str, name: str, model: Any, init_args: tuple, step: int) -> Any:
+  tree = wd.restore_latest(workdir, name, step=step)   # CheckpointError (one line) if damaged
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"]
   params = tree.get("ema_params") if isinstance(tree, dict) else None
   shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
@@ -76,24 +87,31 @@ def restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | 
   return jax.tree.map(np.asarray, params)   # host arrays: placed by load_run, whatever the saving devices
 
 
-def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
-  """Restores every trained model of a workdir; raises ConfigError when there is nothing to load.
-
-  The networks compute in `dtype` ("float32" or "bfloat16"; default the config's `sample.dtype`,
-  float32 when absent) whatever they were trained in: sampling walks hundreds of steps whose
-  rounding a bfloat16 network adds to, so mixed precision is the user's choice there."""
+def _read_run(workdir: str, dtype: Optional[str]) -> tuple:
+  """This host's read of the workdir's config, data shape, dtype and captions."""
   config = wd.load_config(workdir)
   if config is None:
     raise ConfigError(f"--workdir={workdir} holds no trained run (no config.json): "
                       f"train one first with python train.py --workdir {workdir}")
   shape, k = wd.read_data_info(workdir)
-  sde = sde_from(config)
   dtype = dtype or config.sample.get("dtype", "float32")
   if dtype not in config_lib.DTYPES:
     raise ConfigError(f"--dtype (sample.dtype)={dtype!r} is not known: use one of "
                       f"{', '.join(config_lib.DTYPES)}")
   captions = (conditioning.load_captions(workdir) if conditioning.kind_of(config) == "text"
               else None)
+  return config, shape, k, dtype, captions
+
+
+def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
+  """Restores every trained model of a workdir; raises ConfigError when there is nothing to load.
+
+  The networks compute in `dtype` ("float32" or "bfloat16"; default the config's `sample.dtype`,
+  float32 when absent) whatever they were trained in: sampling walks hundreds of steps whose
+  rounding a bfloat16 network adds to, so mixed precision is the user's choice there."""
+  config, shape, k, dtype, captions = cluster.agree(lambda: _read_run(workdir, dtype),
+                                                    f"--workdir={workdir}")
+  sde = sde_from(config)
   apply_fns, params = {}, {}
   for name in MODEL_INDEX:
     if name not in config or "model" not in config[name]:

@@ -153,6 +153,25 @@ def test_refused_before_anything_is_written(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.integration
+def test_one_host_refusing_stops_every_process_at_once(tmp_path):
+  """Per-host input that only process 1 refuses (its --workdir a file, as a host-local path or a
+  failed NFS read would be): both exit 2 within seconds instead of process 0 waiting in the first
+  collective; process 0's line names process 1 and its reason; nothing is written."""
+  (tmp_path / "file").write_text("")
+  args = distributed(2, free_port(), "--nogrids")
+  args[0].append(f"--workdir={tmp_path / 'run'}")
+  args[1].append(f"--workdir={tmp_path / 'file'}")
+  t0 = time.time()
+  runs = launch(args, 1, str(tmp_path), "host")
+  assert time.time() - t0 < 60   # the start of two interpreters included; the wait was > 120 s
+  for r in runs:
+    lines = [l for l in r["err"].splitlines() if l.strip()]
+    assert r["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), r
+  assert "process 1 refused the run" in runs[0]["err"] and "file" in runs[0]["err"], runs[0]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     ((None, 2, None), "--coordinator_address, --process_id missing"),
     (("127.0.0.1:1234", 2, 2), "--process_id=2 is out of range for --num_processes=2"),
@@ -222,7 +241,7 @@ def logged_steps(workdir) -> list[int]:
 @pytest.mark.integration
 def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactly(straight, tmp_path):
   """One chain of the same 2-process command: a SIGTERM to process 1 mid-run stops both after the
-  same step (each saves its part of that checkpoint, both exit 0); then a SIGKILL of process 0 after
+  same step (each saves its part of that checkpoint, both exit with PREEMPTED_EXIT); then a SIGKILL of process 0 after
   the next checkpoint (process 1 is stopped, bounded); then the command again ends equal to the
   uninterrupted run, each step logged once."""
   workdir, logs = str(tmp_path / "run"), str(tmp_path)
@@ -239,7 +258,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_sigkill_resumes_exactl
   procs[0].send_signal(signal.SIGCONT)
   runs = finish(procs, logs, "term")
   for r in runs:
-    assert r["rc"] == 0 and "Traceback" not in r["err"], r["err"][-3000:]
+    assert r["rc"] == cli.PREEMPTED_EXIT and "Traceback" not in r["err"], r["err"][-3000:]
   stopped = int(re.search(r"saved at step (\d+)", runs[0]["err"])[1])
   assert 10 < stopped < STEPS, stopped   # mid-run: after the signal's step, before the end
   assert complete_steps(workdir)[-1] == stopped

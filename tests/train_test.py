@@ -14,6 +14,7 @@ import pytest
 
 from jaxguide.data import tfds as tfds_source
 from jaxguide.training import checkpoint
+from jaxguide import cli
 from jaxguide.cli import train_job
 from jaxguide import training
 from jaxguide.errors import ConfigError
@@ -120,7 +121,7 @@ def test_nan_guard_keeps_last_good_checkpoint(toy_config, tmp_path):
 
 
 @pytest.mark.integration
-def test_sigterm_saves_and_exits_zero(tmp_path):
+def test_sigterm_saves_and_exits_preempted(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "train.py", "--config=configs/toy2d.py", f"--workdir={workdir}",
          "--config.models=score", "--config.train.steps=1000000", "--config.train.log_every=5",
@@ -133,7 +134,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == cli.PREEMPTED_EXIT, err[-3000:]
   assert "resume" in err and "Traceback" not in err, err[-3000:]
   step = checkpoint.Checkpointer(str(workdir / "checkpoints" / "score")).latest_step()
   assert step is not None and step >= 5

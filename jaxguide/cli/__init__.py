@@ -4,14 +4,17 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from absl import app, flags, logging
 
-from jaxguide import cpu
+from jaxguide import cluster, cpu
 from jaxguide.errors import ConfigError
 
 USAGE_EXIT = 2
+# A run stopped by SIGTERM/SIGINT after saving its checkpoint: not done, resumable by the same
+# command (sysexits' EX_TEMPFAIL), so `afterok` chains and wrappers do not take it for success.
+PREEMPTED_EXIT = 75
 
 
 def fail(message: str) -> None:
@@ -41,6 +44,11 @@ def define_distributed_flags(fv: flags.FlagValues) -> None:
                       "process 0's coordinator (with --num_processes and --process_id).", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.", flag_values=fv)
+  flags.DEFINE_string("local_device_ids", None, "Multi-host: the devices this process drives, e.g. "
+                      "0,1,2,3,4,5,6,7 for one process per node (default: jax's choice, one GPU "
+                      "per task under SLURM); env JAXGUIDE_LOCAL_DEVICE_IDS.", flag_values=fv)
+  flags.DEFINE_bool("single_process", False, "Run alone although the scheduler started several "
+                    "tasks (each task its own job: give each its own --workdir).", flag_values=fv)
 
 
 def distributed_args(coordinator_address: str | None, num_processes: int | None,
@@ -70,14 +78,22 @@ def distributed_args(coordinator_address: str | None, num_processes: int | None,
           "process_id": process_id}
 
 
-def start_distributed(f: flags.FlagValues) -> None:
+def start_distributed(f: flags.FlagValues, environ: Mapping[str, str] = os.environ) -> None:
   """`jax.distributed.initialize`, before jax's backend starts: with the explicit flags when
-  given (checked first), else auto-detected under --distributed; otherwise nothing."""
+  given (checked first), else auto-detected under --distributed; otherwise nothing. A launch
+  that would run wrong silently is refused first (`cluster.check_launch`)."""
   explicit = distributed_args(f.coordinator_address, f.num_processes, f.process_id)
+  device_ids = cluster.parse_device_ids(f.local_device_ids or cluster.env_device_ids(environ))
+  cluster.check_launch(distributed=f.distributed, explicit=explicit is not None,
+                       single_process=f.single_process, local_device_ids=device_ids,
+                       environ=environ)
   if explicit is None and not f.distributed:
+    if device_ids is not None:
+      raise ConfigError("--local_device_ids is a multi-host option: add --distributed (or the "
+                        "explicit --coordinator_address, --num_processes, --process_id)")
     return
   import jax
-  jax.distributed.initialize(**(explicit or {}))
+  jax.distributed.initialize(**(explicit or {}), local_device_ids=device_ids)
 
 
 def leave_distributed() -> None:

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxguide import conditioning, data, parallel
+from jaxguide import cluster, conditioning, data, parallel
 from jaxguide import config as config_lib
 from jaxguide.errors import ConfigError
 from jaxguide.parallel import is_primary
@@ -30,8 +30,9 @@ def _abstract_checkpoint(spec: spec_lib.ModelSpec, config: ml_collections.Config
 
 
 def read_resumable(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
-                   workdir: str) -> Any | None:
-  """The latest checkpoint of this model in the workdir as host arrays, or None. Called before
+                   workdir: str, step: int | None = None) -> Any | None:
+  """The latest checkpoint of this model in the workdir (or the one at `step`) as host arrays,
+  or None. Called before
   anything is written: a checkpoint of another config or a damaged one raises CheckpointError (one
   line) while the workdir is still as it was. This is the run's only read of the checkpoint."""
   # Restored into the state's own structure (optax's namedtuples; orbax alone gives lists),
@@ -40,8 +41,32 @@ def read_resumable(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         _abstract_checkpoint(spec, config))
-  tree = wd.restore_latest(workdir, spec.name, target)
+  tree = wd.restore_latest(workdir, spec.name, target, step=step)
   return None if tree is None else jax.device_get(tree)
+
+
+def _steps_field(config: ml_collections.ConfigDict, name: str) -> str:
+  own = config[name].get("train", None)
+  return f"{name}.train.steps" if own is not None and "steps" in own else "train.steps"
+
+
+def agreed_resume(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
+                  workdir: str) -> Any | None:
+  """The checkpoint every process resumes from: the step process 0 lists as latest, restored by
+  each, with the same bytes everywhere (`cluster`); refused below the configured step count."""
+  name = spec.name
+  step = cluster.agreed_step(
+      cluster.agree(lambda: wd.latest_step(workdir, name), f"{name}'s checkpoints"), name)
+  steps = int(config_lib.model_train_config(config, name).steps)
+  if step is not None and step > steps:
+    raise ConfigError(f"{_steps_field(config, name)}={steps} is below {name}'s checkpoint at step "
+                      f"{step} in {wd.checkpoint_dir(workdir, name)}: give at least {step}, or "
+                      "another --workdir")
+  tree = cluster.agree(lambda: read_resumable(spec, config, workdir, step),
+                       f"{name}'s checkpoint at step {step}")
+  if tree is not None and jax.process_count() > 1:
+    cluster.check_same_tree(tree, name, step)
+  return tree
 
 
 @dataclasses.dataclass
@@ -60,7 +85,16 @@ class Plan:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   """Checks the config, the workdir, the data and any checkpoint to resume, writing nothing:
-  bad input raises ConfigError (one line) while the workdir is still as it was."""
+  bad input raises ConfigError (one line) while the workdir is still as it was. With several
+  processes every check is agreed (`cluster.agree`): one host's refusal stops all of them."""
+  plan = cluster.agree(lambda: _check_and_open(config, workdir), "the run")
+  for name, spec in plan.specs.items():
+    plan.resume_from[name] = agreed_resume(spec, config, workdir)
+  return plan
+
+
+def _check_and_open(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+  """This host's checks and reads, all before any collective."""
   config_lib.validate(config)
   wd.check_workdir(workdir, config)
   if jax.process_count() > 1 and config.train.num_devices:
@@ -79,9 +113,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
                                                                    train_ds.num_classes)
   specs = {name: spec_lib.model_spec(name, config, train_ds, conditions)
            for name in config_lib.model_names(config)}
-  resume_from = {name: read_resumable(spec, config, workdir) for name, spec in specs.items()}
-  return Plan(config, workdir, mesh, train_ds, test_ds, specs, resume_from, captions,
-              write_captions)
+  return Plan(config, workdir, mesh, train_ds, test_ds, specs, {}, captions, write_captions)
 
 
 Evaluate = Callable[[str, Any, ml_collections.ConfigDict, Any, Any], dict[str, Any]]

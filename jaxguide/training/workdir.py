@@ -184,19 +184,42 @@ def write_conditions(workdir: str, **arrays: np.ndarray) -> None:
   checkpoint.atomic_write_npz(os.path.join(workdir, CONDITIONS_FILE), **arrays)
 
 
-def restore_latest(workdir: str, name: str, target: Callable[[], Any] | None = None) -> Any | None:
-  """The latest complete checkpoint of one model, or None when it has none; read-only.
-
-  `target` (called only when there is a checkpoint) gives the abstract tree to restore into
-  (structure, dtypes, shardings); None restores the tree as saved. A damaged checkpoint raises
-  `checkpoint.CheckpointError` (one line, with the fix)."""
+def latest_step(workdir: str, name: str) -> int | None:
+  """The latest complete checkpoint step of one model as this host lists it, or None."""
   directory = checkpoint_dir(workdir, name)
   if not os.path.isdir(directory):
     return None
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    if ckpt.latest_step() is None:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def restore_latest(workdir: str, name: str, target: Callable[[], Any] | None = None,
+                   step: int | None = None) -> Any | None:
+  """The latest complete checkpoint of one model (or the one at `step`), or None when it has
+  none; read-only.
+
+  `target` (called only when there is a checkpoint) gives the abstract tree to restore into
+  (structure, dtypes, shardings); None restores the tree as saved. A damaged checkpoint, or a
+  `step` this host does not see, raises `checkpoint.CheckpointError` (one line, with the fix)."""
+  directory = checkpoint_dir(workdir, name)
+  if not os.path.isdir(directory):
+    if step is None:
       return None
-    return ckpt.restore(None if target is None else target())
+    raise checkpoint.CheckpointError(f"{directory} not found on this host, where process 0 "
+                                     f"restores step {step}: the workdir must be one shared folder")
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
+  try:
+    if step is None:
+      step = ckpt.latest_step()
+      if step is None:
+        return None
+    elif step not in ckpt.all_steps():
+      raise checkpoint.CheckpointError(f"{directory}: step {step}, which process 0 restores, is "
+                                       "not listed on this host: the workdir must be one folder "
+                                       "shared by every host")
+    return ckpt.restore(None if target is None else target(), step=step)
   finally:
     ckpt.close()
