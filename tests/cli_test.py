@@ -12,6 +12,7 @@ from typing import Callable
 from absl import flags
 import pytest
 
+import conftest
 from jaxguide import cli
 from jaxguide import training
 from jaxguide.errors import ConfigError
@@ -149,7 +150,7 @@ def test_bad_train_input_end_to_end(tmp_path):
   (workdir / "notes.txt").write_text("a researcher's file")
   before = tree_hash(str(workdir))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": conftest.xla_flags(8)}
   out = subprocess.run([sys.executable, "train.py", "--config=configs/toy2d.py",
                         f"--workdir={workdir}", "--config.train.batch_size=12"], cwd=ROOT,
                        capture_output=True, text=True, env=env, timeout=120)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cli_test import assert_one_line_error, sample_refusal, tree_hash
+import conftest
 from jaxguide import conditioning
 from jaxguide import guidance
 from jaxguide.diffusion import losses
@@ -223,7 +224,7 @@ def text_workdir(tmp_path_factory):
 
 
 def run_sample(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": conftest.xla_flags(1)}
   return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
                         text=True, env=env, timeout=180)
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cli_test import assert_one_line_error, copy_without, diagnose_refusal, tree_hash
+import conftest
 from jaxguide.training import checkpoint
 from jaxguide import data
 from jaxguide.evaluation import diagnostics
@@ -197,7 +198,7 @@ def test_quality_curve_reads_the_best_and_the_98_percent_scale(tmp_path):
 
 
 def run_diagnose(*args, timeout=240):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": conftest.xla_flags(1)}
   return subprocess.run([sys.executable, "diagnose.py", *args], cwd=ROOT, capture_output=True,
                         text=True, env=env, timeout=timeout)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+import conftest
 from jaxguide.diffusion import gmm
 from jaxguide import guidance
 from jaxguide import samplers
@@ -304,7 +305,7 @@ class MultiDeviceCfgTest(chex.TestCase):
 
   def test_eight_devices(self):
     import json, os, subprocess, sys
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": conftest.xla_flags(8),
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", MULTI_DEVICE_CFG], env=env, capture_output=True,
                          text=True, timeout=300)

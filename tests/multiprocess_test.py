@@ -15,6 +15,7 @@ import chex
 import numpy as np
 import pytest
 
+import conftest
 from jaxguide import cli
 from jaxguide.cli import train_job
 from jaxguide.errors import ConfigError
@@ -38,7 +39,7 @@ def free_port() -> int:
 
 def env(devices: int) -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+          "XLA_FLAGS": conftest.xla_flags(devices)}
 
 
 def start(args, devices: int, log_dir, name: str, script: str = "train.py") -> subprocess.Popen:

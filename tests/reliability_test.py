@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from cli_test import assert_one_line_error, sample_refusal, train_refusal, tree_hash
+import conftest
 from jaxguide.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ConfigError; the scripts exit before they report (cli.fail), here they are reported as unraisable.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 # Two CPU devices whatever the host: the killed and the straight run must be the same computation.
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": conftest.xla_flags(2)}
 TINY = ["--config=configs/toy2d.py", "--config.score.model.hidden=32", "--config.score.model.depth=2",
         "--config.classifier.model.hidden=32", "--config.classifier.model.depth=2",
         "--config.train.batch_size=64", "--progress=false", "--grids=false"]

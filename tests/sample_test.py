@@ -14,6 +14,7 @@ import pytest
 
 from cli_test import assert_one_line_error, copy_without, sample_refusal, tree_hash
 from diagnose_test import _untrained_workdir
+import conftest
 from jaxguide import pipeline
 from jaxguide import samplers
 from jaxguide import evaluation
@@ -31,7 +32,7 @@ def toy_workdir(toy_run):
 
 def run_sample(*args, timeout=180):
   # Two devices while the workdir was trained on one: checkpoints must not pin their devices.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": conftest.xla_flags(2)}
   return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
                         text=True, env=env, timeout=timeout)
 

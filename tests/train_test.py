@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from jaxguide.data import tfds as tfds_source
 from jaxguide.training import checkpoint
 from jaxguide import cli
@@ -65,7 +66,7 @@ def test_resume_equals_straight_run(toy_config, tmp_path):
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = {xla_flags!r}
     sys.path.insert(0, {root!r})
     import chex, jax
     from configs import toy2d
@@ -89,7 +90,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.integration
 def test_eight_devices_equal_one(tmp_path):
-  script = MULTI_DEVICE_SCRIPT.format(root=ROOT, tmp=str(tmp_path))
+  script = MULTI_DEVICE_SCRIPT.format(root=ROOT, tmp=str(tmp_path), xla_flags=conftest.xla_flags(8))
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=300)

@@ -40,4 +40,5 @@ def test_old_workdir_samples_what_the_old_layout_sampled(tmp_path):
   assert set(new.files) == set(old.files)
   for k in ("label", "scale", "guidance"):
     np.testing.assert_array_equal(new[k], old[k])
-  np.testing.assert_allclose(new["image"], old["image"], atol=1e-5, rtol=0)
+  # float32 rounding of another codegen (the suite compiles at XLA optimisation level 0): relative
+  np.testing.assert_allclose(new["image"], old["image"], atol=1e-5, rtol=1e-5)
