@@ -149,6 +149,41 @@ def check_same_tree(tree: Any, name: str, step: int,
                         "(NFS, or a bucket path)")
 
 
+SHARED_TOKEN = ".jaxguide-shared-check"
+
+
+def check_shared_folder(folder: str, field: str = "--workdir") -> None:
+  """With several processes, that `folder` is one folder for all: process 0 writes a random
+  token into it, and after a barrier every process must read that token back (a host-local
+  folder shows none, or another job's); agreed, so all refuse together. Process 0 then removes it."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  token = str(int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(1, 2**31 - 1)))))
+  path = os.path.join(folder, SHARED_TOKEN)
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      f.write(token)
+    os.replace(path + ".tmp", path)
+  multihost_utils.sync_global_devices("jaxguide: shared folder token written")
+
+  def read_back() -> None:
+    try:
+      with open(path) as f:
+        seen = f.read().strip()
+    except OSError:
+      seen = None
+    if seen != token:
+      raise ConfigError(f"{field}={folder} is not the folder process 0 wrote ("
+                        f"{'no token' if seen is None else 'another token'} in it): give every "
+                        "host the same shared path (NFS, a bucket mount), not a host-local one")
+  agree(read_back, f"{field}={folder}")
+  if jax.process_index() == 0:
+    os.remove(path)
+
+
 def env_device_ids(environ: Mapping[str, str] = os.environ) -> str | None:
   """--local_device_ids' environment form, JAXGUIDE_LOCAL_DEVICE_IDS."""
   return environ.get("JAXGUIDE_LOCAL_DEVICE_IDS") or None

@@ -173,6 +173,20 @@ def test_one_host_refusing_stops_every_process_at_once(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
+def test_a_workdir_not_shared_is_refused(tmp_path):
+  """Each process given its own folder, as a host-local path on every host would be: process 0's
+  token is not seen by process 1, and both exit 2 with one line naming the workdir."""
+  args = distributed(2, free_port(), "--nogrids")
+  for i, a in enumerate(args):
+    a.append(f"--workdir={tmp_path / f'local{i}'}")
+  runs = launch(args, 1, str(tmp_path), "local")
+  for r in runs:
+    lines = [l for l in r["err"].splitlines() if l.strip()]
+    assert r["rc"] == 2 and len(lines) == 1 and "not the folder process 0 wrote" in lines[0], r
+  assert "process 1 refused --workdir=" in runs[0]["err"], runs[0]
+
+
 @pytest.mark.parametrize("args, message", [
     ((None, 2, None), "--coordinator_address, --process_id missing"),
     (("127.0.0.1:1234", 2, 2), "--process_id=2 is out of range for --num_processes=2"),

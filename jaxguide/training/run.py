@@ -122,6 +122,7 @@ Evaluate = Callable[[str, Any, ml_collections.ConfigDict, Any, Any], dict[str, A
 def write_run_files(plan: Plan) -> None:
   """The workdir and its files that describe the run, before the first step."""
   wd.make_workdir(plan.workdir)   # every process (on a shared filesystem: the same folder)
+  cluster.check_shared_folder(plan.workdir)
   if is_primary():
     wd.save_config(plan.workdir, plan.config)
     wd.save_data_info(plan.workdir, plan.train_ds.shape, plan.train_ds.num_classes)
