@@ -21,18 +21,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from jaxguide import cpu
-
-USAGE_EXIT = 2   # bad command-line input, as argparse and train.py exit
+from jaxguide import cli, cpu
+from jaxguide.errors import ConfigError
 
 
 # --------------------------------------------------------------------------- flags
 
 
 def usage_error(message: str) -> NoReturn:
-  """Refuses bad command-line input: one line on stderr, exit USAGE_EXIT."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(USAGE_EXIT)
+  """Refuses bad command-line input as train.py does (`cli.fail`): one line on stderr, exit 2."""
+  cli.fail(message)
 
 
 def run(main: Callable[[list[str]], Any], positional: bool = False) -> None:
@@ -40,8 +38,8 @@ def run(main: Callable[[list[str]], Any], positional: bool = False) -> None:
   argument that is not a flag is refused too; else main gets them as argv[1:]."""
   def parse(argv: list[str]) -> list[str]:
     try:
-      rest = flags.FLAGS(argv)
-    except flags.Error as e:
+      rest = cli.parse(flags.FLAGS, argv)
+    except ConfigError as e:
       usage_error(str(e))
     if len(rest) > 1 and not positional:
       usage_error(f"unexpected arguments {rest[1:]}: pass options as --name=value")
@@ -80,12 +78,9 @@ def print_record(record: dict, label: str | None = None) -> None:
 def write_json(path: str | None, data: Any, indent: int = 2, **dump_kw: Any) -> None:
   """`data` as JSON at `path` (a --json flag; nothing when it is empty), written through a
   temporary name so that the file is always complete."""
-  if not path:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=indent, **dump_kw)
-  os.replace(tmp, path)
+  if path:
+    from jaxguide.training.checkpoint import atomic_write_text   # orbax: only when writing
+    atomic_write_text(path, json.dumps(data, indent=indent, **dump_kw))
 
 
 # --------------------------------------------------------------------------- timing

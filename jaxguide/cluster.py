@@ -8,12 +8,11 @@ GPU of its local rank, so the others idle) are refused with one line.
 
 `agree` runs a per-host step on every process and shares its outcome: when any process refuses,
 all raise the same one-line ConfigError naming that process, instead of some waiting in the next
-collective. `agreed_step` is process 0's choice of checkpoint step, and `check_same_tree` compares
-a per-leaf CRC32 of what each process restored.
+collective. `agreed_latest` is process 0's choice of checkpoint step, and `agreed_read` compares
+a per-leaf CRC32 of what each process restored (`check_same_tree`).
 """
 from __future__ import annotations
 
-import os
 import re
 import zlib
 from typing import Any, Callable, Mapping, TypeVar
@@ -111,8 +110,10 @@ def agree(step: Callable[[], T], what: str, gather: Callable[[np.ndarray], np.nd
     result, error = step(), None
   except Exception as e:   # noqa: BLE001 -- shared first, then raised as it was
     result, error = None, e
-  text = "" if error is None else (str(error).splitlines() or [type(error).__name__])[0]
-  rows = gather(_encode(text or type(error).__name__ if error is not None else ""))
+  text = ""
+  if error is not None:
+    text = (str(error).splitlines() or [""])[0] or type(error).__name__
+  rows = gather(_encode(text))
   failed = [i for i, row in enumerate(rows) if row.any()]
   if error is not None:
     raise error
@@ -122,13 +123,29 @@ def agree(step: Callable[[], T], what: str, gather: Callable[[np.ndarray], np.nd
   return result
 
 
-def agreed_step(step: int | None, name: str,
+def agreed_step(step: int | None,
                 gather: Callable[[np.ndarray], np.ndarray] = _allgather) -> int | None:
   """Process 0's latest checkpoint step for every process (-1 for none): a host whose listing
   of a shared folder is stale restores what process 0 chose, not its own latest."""
   steps = gather(np.asarray(-1 if step is None else step, np.int64))
   chosen = int(steps[0])
   return None if chosen < 0 else chosen
+
+
+def agreed_latest(latest: Callable[[], int | None], name: str) -> int | None:
+  """`latest()` (this host's latest checkpoint step of model `name`) listed on every process,
+  then process 0's choice for all."""
+  return agreed_step(agree(latest, f"{name}'s checkpoints"))
+
+
+def agreed_read(read: Callable[[], T], name: str, step: int | None) -> T:
+  """`read()` (model `name`'s checkpoint at the agreed `step`) on every process, agreed, and
+  with several processes checked to give the same bytes everywhere."""
+  import jax
+  tree = agree(read, f"{name}'s checkpoint at step {step}")
+  if tree is not None and jax.process_count() > 1:
+    check_same_tree(tree, name, step)
+  return tree
 
 
 def fingerprint(tree: Any) -> np.ndarray:
@@ -147,43 +164,3 @@ def check_same_tree(tree: Any, name: str, step: int,
       raise ConfigError(f"process {i} restored {name} step {step} with other contents than "
                         "process 0: the workdir must be one folder shared by every host "
                         "(NFS, or a bucket path)")
-
-
-SHARED_TOKEN = ".jaxguide-shared-check"
-
-
-def check_shared_folder(folder: str, field: str = "--workdir") -> None:
-  """With several processes, that `folder` is one folder for all: process 0 writes a random
-  token into it, and after a barrier every process must read that token back (a host-local
-  folder shows none, or another job's); agreed, so all refuse together. Process 0 then removes it."""
-  import jax
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils
-  token = str(int(multihost_utils.broadcast_one_to_all(
-      np.int32(np.random.default_rng().integers(1, 2**31 - 1)))))
-  path = os.path.join(folder, SHARED_TOKEN)
-  if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      f.write(token)
-    os.replace(path + ".tmp", path)
-  multihost_utils.sync_global_devices("jaxguide: shared folder token written")
-
-  def read_back() -> None:
-    try:
-      with open(path) as f:
-        seen = f.read().strip()
-    except OSError:
-      seen = None
-    if seen != token:
-      raise ConfigError(f"{field}={folder} is not the folder process 0 wrote ("
-                        f"{'no token' if seen is None else 'another token'} in it): give every "
-                        "host the same shared path (NFS, a bucket mount), not a host-local one")
-  agree(read_back, f"{field}={folder}")
-  if jax.process_index() == 0:
-    os.remove(path)
-
-
-def env_device_ids(environ: Mapping[str, str] = os.environ) -> str | None:
-  """--local_device_ids' environment form, JAXGUIDE_LOCAL_DEVICE_IDS."""
-  return environ.get("JAXGUIDE_LOCAL_DEVICE_IDS") or None

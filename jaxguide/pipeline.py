@@ -64,15 +64,10 @@ def restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | 
   """The EMA parameters of a model's latest complete checkpoint as host arrays, checked against
   the config's model (`model`, called with `init_args`); None when the model has none. With
   several processes the step is process 0's and the bytes are checked to agree (`cluster`)."""
-  latest = cluster.agree(lambda: wd.latest_step(workdir, name), f"{name}'s checkpoints")
-  step = cluster.agreed_step(latest, name)
+  step = cluster.agreed_latest(lambda: wd.latest_step(workdir, name), name)
   if step is None:
     return None
-  params = cluster.agree(lambda: _ema_at(workdir, name, model, init_args, step),
-                         f"{name}'s checkpoint at step {step}")
-  if jax.process_count() > 1:
-    cluster.check_same_tree(params, name, step)
-  return params
+  return cluster.agreed_read(lambda: _ema_at(workdir, name, model, init_args, step), name, step)
 
 
 def _ema_at(workdir: str, name: str, model: Any, init_args: tuple, step: int) -> Any:

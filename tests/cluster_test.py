@@ -102,9 +102,9 @@ def test_agree_stops_every_process_when_one_refuses():
 
 
 def test_agreed_step_is_process_zeros():
-  assert cluster.agreed_step(40, "score", gather=two_processes(np.int64(20))) == 40
-  assert cluster.agreed_step(None, "score", gather=two_processes(np.int64(20))) is None
-  assert cluster.agreed_step(40, "score") == 40   # one process
+  assert cluster.agreed_step(40, gather=two_processes(np.int64(20))) == 40
+  assert cluster.agreed_step(None, gather=two_processes(np.int64(20))) is None
+  assert cluster.agreed_step(40) == 40   # one process
 
 
 def test_a_process_that_restored_other_bytes_is_named():

@@ -25,13 +25,6 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-if "jax" in sys.modules:   # imported by a plugin before this file: jax read its flags already
-  import jax
-  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 # XLA's backend at optimisation level 0, here and in every child interpreter (`xla_flags`): a third
 # less compile time, most of the suite's time; nothing a test checks depends on how fast the
 # generated code runs.

@@ -83,7 +83,7 @@ def start_distributed(f: flags.FlagValues, environ: Mapping[str, str] = os.envir
   given (checked first), else auto-detected under --distributed; otherwise nothing. A launch
   that would run wrong silently is refused first (`cluster.check_launch`)."""
   explicit = distributed_args(f.coordinator_address, f.num_processes, f.process_id)
-  device_ids = cluster.parse_device_ids(f.local_device_ids or cluster.env_device_ids(environ))
+  device_ids = cluster.parse_device_ids(f.local_device_ids or environ.get("JAXGUIDE_LOCAL_DEVICE_IDS"))
   cluster.check_launch(distributed=f.distributed, explicit=explicit is not None,
                        single_process=f.single_process, local_device_ids=device_ids,
                        environ=environ)

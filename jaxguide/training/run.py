@@ -55,18 +55,13 @@ def agreed_resume(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
   """The checkpoint every process resumes from: the step process 0 lists as latest, restored by
   each, with the same bytes everywhere (`cluster`); refused below the configured step count."""
   name = spec.name
-  step = cluster.agreed_step(
-      cluster.agree(lambda: wd.latest_step(workdir, name), f"{name}'s checkpoints"), name)
+  step = cluster.agreed_latest(lambda: wd.latest_step(workdir, name), name)
   steps = int(config_lib.model_train_config(config, name).steps)
   if step is not None and step > steps:
     raise ConfigError(f"{_steps_field(config, name)}={steps} is below {name}'s checkpoint at step "
                       f"{step} in {wd.checkpoint_dir(workdir, name)}: give at least {step}, or "
                       "another --workdir")
-  tree = cluster.agree(lambda: read_resumable(spec, config, workdir, step),
-                       f"{name}'s checkpoint at step {step}")
-  if tree is not None and jax.process_count() > 1:
-    cluster.check_same_tree(tree, name, step)
-  return tree
+  return cluster.agreed_read(lambda: read_resumable(spec, config, workdir, step), name, step)
 
 
 @dataclasses.dataclass
@@ -122,7 +117,7 @@ Evaluate = Callable[[str, Any, ml_collections.ConfigDict, Any, Any], dict[str, A
 def write_run_files(plan: Plan) -> None:
   """The workdir and its files that describe the run, before the first step."""
   wd.make_workdir(plan.workdir)   # every process (on a shared filesystem: the same folder)
-  cluster.check_shared_folder(plan.workdir)
+  wd.check_shared(plan.workdir)
   if is_primary():
     wd.save_config(plan.workdir, plan.config)
     wd.save_data_info(plan.workdir, plan.train_ds.shape, plan.train_ds.num_classes)

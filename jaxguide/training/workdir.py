@@ -14,9 +14,12 @@ import json
 import os
 from typing import Any, Callable, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jaxguide import cluster
 from jaxguide.errors import ConfigError
 from jaxguide.training import checkpoint
 
@@ -112,6 +115,37 @@ def make_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}): choose a writable path") from None
+
+
+SHARED_TOKEN = ".jaxguide-shared-check"
+
+
+def check_shared(workdir: str) -> None:
+  """With several processes, that `workdir` is one folder for all: process 0 writes a random
+  token into it, and after a barrier every process must read that token back (a host-local
+  folder shows none, or another job's); agreed, so all refuse together. Process 0 then removes it."""
+  if jax.process_count() == 1:
+    return
+  token = str(int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(1, 2**31 - 1)))))
+  path = os.path.join(workdir, SHARED_TOKEN)
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_text(path, token)
+  multihost_utils.sync_global_devices("jaxguide: shared workdir token written")
+
+  def read_back() -> None:
+    try:
+      with open(path) as f:
+        seen = f.read().strip()
+    except OSError:
+      seen = None
+    if seen != token:
+      raise ConfigError(f"--workdir={workdir} is not the folder process 0 wrote ("
+                        f"{'no token' if seen is None else 'another token'} in it): give every "
+                        "host the same shared path (NFS, a bucket mount), not a host-local one")
+  cluster.agree(read_back, f"--workdir={workdir}")
+  if jax.process_index() == 0:
+    os.remove(path)
 
 
 METRICS_FILE = "metrics.jsonl"
