@@ -149,10 +149,15 @@ def agreed_read(read: Callable[[], T], name: str, step: int | None) -> T:
 
 
 def fingerprint(tree: Any) -> np.ndarray:
-  """A CRC32 of each leaf's bytes, in tree order (host arrays)."""
+  """A CRC32 of each leaf's bytes, in tree order: host arrays, or replicated jax arrays (of which
+  this process's first replica is read)."""
   import jax
-  return np.asarray([zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-                     for leaf in jax.tree.leaves(tree)], np.int64)
+
+  def host(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_shards[0].data
+    return np.ascontiguousarray(np.asarray(leaf))
+  return np.asarray([zlib.crc32(host(leaf).tobytes()) for leaf in jax.tree.leaves(tree)], np.int64)
 
 
 def check_same_tree(tree: Any, name: str, step: int,

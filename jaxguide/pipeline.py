@@ -60,26 +60,23 @@ class Run:
                         f"python train.py --workdir {self.workdir} --config.models={name} (same --config)")
 
 
-def restore_ema(workdir: str, name: str, model: Any, init_args: tuple) -> Any | None:
-  """The EMA parameters of a model's latest complete checkpoint as host arrays, checked against
-  the config's model (`model`, called with `init_args`); None when the model has none. With
-  several processes the step is process 0's and the bytes are checked to agree (`cluster`)."""
+def restore_ema(workdir: str, name: str, model: Any, init_args: tuple,
+                sharding: jax.sharding.Sharding | None = None) -> Any | None:
+  """The EMA parameters of a model's latest complete checkpoint, checked against the config's
+  model (`model`, called with `init_args`), or None when the model has none. Only they are read
+  (not the optimizer state), each device reading its copy onto `sharding` (default: replicated
+  over every device of every process, as the samplers use them). With several processes the
+  step is process 0's and the bytes are checked to agree (`cluster`)."""
   step = cluster.agreed_latest(lambda: wd.latest_step(workdir, name), name)
   if step is None:
     return None
-  return cluster.agreed_read(lambda: _ema_at(workdir, name, model, init_args, step), name, step)
-
-
-def _ema_at(workdir: str, name: str, model: Any, init_args: tuple, step: int) -> Any:
-  tree = wd.restore_latest(workdir, name, step=step)   # CheckpointError (one line) if damaged
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"]
-  params = tree.get("ema_params") if isinstance(tree, dict) else None
-  shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
-  if params is None or shapes(params) != shapes(expected):
-    raise ConfigError(f"the {name} checkpoint in {wd.checkpoint_dir(workdir, name)} does not match "
-                      "the workdir's config.json (another architecture): use the workdir it was "
-                      "trained in")
-  return jax.tree.map(np.asarray, params)   # host arrays: placed by load_run, whatever the saving devices
+  sharding = sharding or parallel.replicated(parallel.data_mesh())
+  abstract = lambda: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      jax.eval_shape(model.init, jax.random.PRNGKey(0), *init_args)["params"])
+  # CheckpointError (one line) if damaged, or of another architecture than config.json's.
+  read = lambda: wd.restore_latest(workdir, name, abstract, step=step, part="ema_params")
+  return cluster.agreed_read(read, name, step)
 
 
 def _read_run(workdir: str, dtype: Optional[str]) -> tuple:
@@ -118,9 +115,6 @@ def load_run(workdir: str, dtype: Optional[str] = None) -> Run:
   if "score" not in params:
     raise ConfigError(f"--workdir={workdir} has no score-network checkpoint: train it with "
                       f"python train.py --workdir {workdir}")
-  # Replicated over every device (of every process): the samplers split batches over the same
-  # mesh, and a checkpoint saved on another device count must not pin the parameters to its devices.
-  params = parallel.replicate(params, parallel.data_mesh())
   return Run(workdir, config, sde, shape, k, apply_fns, params, captions)
 
 

@@ -30,6 +30,30 @@ class CheckpointTest(chex.TestCase):
     np.testing.assert_array_equal(raw["params"]["dense"]["kernel"], tree["params"]["dense"]["kernel"])
     ckpt.close()
 
+  def test_one_part_restored_to_host_or_onto_a_mesh(self):
+    """`part` reads one top-level entry: as host arrays, or straight onto a sharding (each device
+    its copy); a missing entry is a one-line CheckpointError."""
+    ckpt = checkpoint.Checkpointer(self.create_tempdir().full_path, save_every=1)
+    tree = self._tree(3)
+    ckpt.save(3, tree)
+    host = ckpt.restore(part="params")
+    self.assertIsInstance(host["dense"]["kernel"], np.ndarray)
+    chex.assert_trees_all_equal(host, jax.device_get(tree["params"]))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          tree["params"])
+    placed = ckpt.restore(target, part="params")
+    for leaf in jax.tree.leaves(placed):
+      self.assertEqual(leaf.sharding, replicated)
+    chex.assert_trees_all_equal(placed, tree["params"])
+    with self.assertRaisesRegex(checkpoint.CheckpointError, "holds no ema_params"):
+      ckpt.restore(part="ema_params")
+    with self.assertRaisesRegex(checkpoint.CheckpointError, "another config or image shape"):
+      ckpt.restore({"dense": {"kernel": np.zeros((3, 5), np.float32),
+                              "bias": np.zeros(4, np.float32)}}, part="params")
+    ckpt.close()
+
   def test_interval_and_retention(self):
     directory = self.create_tempdir().full_path
     ckpt = checkpoint.Checkpointer(directory, save_every=10, keep=2)

@@ -155,7 +155,7 @@ CASES = [  # (script, damage, extra args, text the one line must contain)
     ("sample", "array data truncated", [], "fall back to step 20"),
     ("sample", "item folder missing", [], "score/40 is unreadable"),
     ("train", "checkpoint of another config", [], "another config or image shape"),
-    ("sample", "checkpoint of another config", [], "does not match"),
+    ("sample", "checkpoint of another config", [], "another config or image shape"),
     ("sample", "classifier checkpoint damaged", ["--guidance=classifier"], "classifier/20 is unreadable"),
 ]
 

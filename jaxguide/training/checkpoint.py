@@ -11,6 +11,7 @@ orbax.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging as logging_std
 import os
@@ -115,6 +116,15 @@ class _Manager(ocp.CheckpointManager):
     return False
 
 
+# The folder of a step's tree inside its step folder: orbax's name for a manager's single item.
+ITEM = "default"
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+  """What orbax restores a target leaf as: numpy leaves stay numpy (read to host memory)."""
+  return leaf if isinstance(leaf, np.ndarray) else ocp.utils.to_shape_dtype_struct(leaf)
+
+
 class Checkpointer:
   """Saves every `save_every` steps (and when forced), keeps the last `keep`, restores the latest.
   `read_only` never creates, cleans or writes anything (sampling must leave a workdir as it was)."""
@@ -185,35 +195,65 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     return {leaf.name: leaf for leaf in jax.tree.leaves(self._saved_tree(step))}
 
-  def verify(self, target: Any, step: int | None = None) -> None:
-    """Checks, from metadata alone, that a saved step holds exactly `target`'s arrays and shapes:
-    a checkpoint of another architecture or image shape is refused before anything is loaded."""
+  def verify(self, target: Any, step: int | None = None, part: str | None = None) -> None:
+    """Checks, from metadata alone, that a saved step holds exactly `target`'s arrays and shapes
+    (under its top-level entry `part`, when given): a checkpoint of another architecture or image
+    shape is refused before anything is loaded."""
     step = self.latest_step() if step is None else step
-    saved = {name: tuple(m.shape) for name, m in self.metadata(step).items()}
+    prefix = "" if part is None else f"{part}."
+    saved = {name[len(prefix):]: tuple(m.shape) for name, m in self.metadata(step).items()
+             if name.startswith(prefix)}
+    if part is not None and not saved:
+      raise self._error(step, f"holds no {part}")
     wanted = {jax.tree_util.keystr(path, simple=True, separator="."): tuple(np.shape(leaf))
               for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
     for name in sorted(set(saved) | set(wanted)):
       if saved.get(name) != wanted.get(name):
-        raise self._error(step, f"holds {name} with shape {saved.get(name)} where the config builds "
-                                f"{wanted.get(name)} (another config or image shape)")
+        raise self._error(step, f"holds {prefix}{name} with shape {saved.get(name)} where the "
+                                f"config builds {wanted.get(name)} (another config or image shape)")
 
-  def restore(self, target: Any = None, step: int | None = None) -> Any:
-    """Restores into the structure, dtypes and shardings of `target` (arrays or ShapeDtypeStructs),
-    after `verify`; without a target, the saved tree onto this process's first device: never
-    onto the saving run's devices, which a host with another device count does not have."""
+  def restore(self, target: Any = None, step: int | None = None, *,
+              part: str | None = None) -> Any:
+    """Restores into the structure, dtypes and placement of `target`, after `verify`. A leaf
+    with a sharding (an array, or a ShapeDtypeStruct) is read straight onto it, each device its
+    own part, nothing gathered on one device; a numpy leaf is read into host memory. Without a
+    target, the saved tree as host arrays: never onto the saving run's devices, which a host with
+    another device count does not have. `part` reads one top-level entry alone (e.g.
+    'ema_params': sampling never reads the optimizer state); `target` is then that entry's."""
     step = self.latest_step() if step is None else step
     if target is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              self._saved_tree(step))
-    else:
-      self.verify(target, step)
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+      saved = self._saved_tree(step)
+      if part is not None and part not in saved:
+        raise self._error(step, f"holds no {part}")
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                            saved if part is None else saved[part])
+    self.verify(target, step, part)
+    abstract = jax.tree.map(_abstract_leaf, target)
     try:
       with _SIBLINGS.reading():
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        if part is None:
+          return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return self._restore_part(step, part, abstract)
     except Exception as e:   # damaged array data: tensorstore's decode and read errors
       raise self._error(step, f"is unreadable ({_one_line(e)})") from None
+
+  def _restore_part(self, step: int, part: str, abstract: Any) -> Any:
+    """One top-level entry of a step, through orbax's PyTree handler's partial restore (the
+    standard handler reads whole trees only)."""
+    item = {part: abstract}
+    restore_args = jax.tree.map(
+        lambda a: (ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype) if isinstance(a, np.ndarray)
+                   else ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype)), item)
+    if "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:
+      partial = {"partial_restore": True}
+    else:   # orbax before 0.11: entries missing from `item` are dropped by an empty transform
+      partial = {"transforms": {}}
+    handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=self._read_alone())
+    with ocp.Checkpointer(handler, multiprocessing_options=self._read_alone()) as reader:
+      restored = reader.restore(os.path.join(self.directory, str(step), ITEM),
+                                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                            **partial))
+    return restored[part]
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -31,18 +31,15 @@ def _abstract_checkpoint(spec: spec_lib.ModelSpec, config: ml_collections.Config
 
 def read_resumable(spec: spec_lib.ModelSpec, config: ml_collections.ConfigDict,
                    workdir: str, step: int | None = None) -> Any | None:
-  """The latest checkpoint of this model in the workdir (or the one at `step`) as host arrays,
-  or None. Called before
-  anything is written: a checkpoint of another config or a damaged one raises CheckpointError (one
-  line) while the workdir is still as it was. This is the run's only read of the checkpoint."""
+  """The latest checkpoint of this model in the workdir (or the one at `step`) in host memory,
+  or None. Called before anything is written: a checkpoint of another config or a damaged one
+  raises CheckpointError (one line) while the workdir is still as it was. This is the run's only
+  read of the checkpoint; `train_model` places it on the mesh, each device its own copy."""
   # Restored into the state's own structure (optax's namedtuples; orbax alone gives lists),
-  # checked against it, then moved to the host until train_model places it.
-  def target():
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        _abstract_checkpoint(spec, config))
-  tree = wd.restore_latest(workdir, spec.name, target, step=step)
-  return None if tree is None else jax.device_get(tree)
+  # checked against it, read into numpy arrays (no device holds it until it is placed).
+  target = lambda: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                _abstract_checkpoint(spec, config))
+  return wd.restore_latest(workdir, spec.name, target, step=step)
 
 
 def _steps_field(config: ml_collections.ConfigDict, name: str) -> str:

@@ -231,12 +231,13 @@ def latest_step(workdir: str, name: str) -> int | None:
 
 
 def restore_latest(workdir: str, name: str, target: Callable[[], Any] | None = None,
-                   step: int | None = None) -> Any | None:
+                   step: int | None = None, part: str | None = None) -> Any | None:
   """The latest complete checkpoint of one model (or the one at `step`), or None when it has
   none; read-only.
 
-  `target` (called only when there is a checkpoint) gives the abstract tree to restore into
-  (structure, dtypes, shardings); None restores the tree as saved. A damaged checkpoint, or a
+  `target` (called only when there is a checkpoint) gives the tree to restore into (structure,
+  dtypes, placement: `checkpoint.Checkpointer.restore`); None reads the tree as saved into host
+  memory. `part` reads one top-level entry alone (e.g. "ema_params"). A damaged checkpoint, or a
   `step` this host does not see, raises `checkpoint.CheckpointError` (one line, with the fix)."""
   directory = checkpoint_dir(workdir, name)
   if not os.path.isdir(directory):
@@ -254,6 +255,6 @@ def restore_latest(workdir: str, name: str, target: Callable[[], Any] | None = N
       raise checkpoint.CheckpointError(f"{directory}: step {step}, which process 0 restores, is "
                                        "not listed on this host: the workdir must be one folder "
                                        "shared by every host")
-    return ckpt.restore(None if target is None else target(), step=step)
+    return ckpt.restore(None if target is None else target(), step=step, part=part)
   finally:
     ckpt.close()
