@@ -42,7 +42,12 @@ def main(argv):
   cli.check_args(argv, FLAGS.workdir, WORKDIR_HINT)
   cli.start_distributed(FLAGS)
   try:
-    report = train_job.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    with training.StopSignal() as stop:   # a signal stops training, evaluation or the grids
+      report = train_job.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
+                                            stop=stop)
+      if FLAGS.grids and "score" in config_lib.model_names(FLAGS.config):   # this command's score network
+        # Several processes: each samples its share on the global mesh; process 0 writes.
+        report["grids"] = sample_output.final_grids(FLAGS.workdir, stop=stop)
   except training.Preempted as e:
     if jax.process_index() == 0:
       print(str(e), file=sys.stderr)
@@ -50,9 +55,6 @@ def main(argv):
   except training.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  if FLAGS.grids and "score" in config_lib.model_names(FLAGS.config):   # the grids show this command's score network
-    # Several processes: each samples its share on the global mesh; process 0 writes.
-    report["grids"] = sample_output.final_grids(FLAGS.workdir)
   if jax.process_index() == 0:   # several processes: process 0 alone prints
     print(json.dumps(report, indent=2), file=sys.stdout)
 

@@ -1,6 +1,7 @@
 """Training end to end on the toy mixture: loss falls, resume is exact, 8 devices equal 1."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from jaxguide import cli
 from jaxguide.cli import train_job
 from jaxguide import training
 from jaxguide.errors import ConfigError
+from jaxguide.training import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,6 +141,33 @@ def test_sigterm_saves_and_exits_preempted(tmp_path):
   assert "resume" in err and "Traceback" not in err, err[-3000:]
   step = checkpoint.Checkpointer(str(workdir / "checkpoints" / "score")).latest_step()
   assert step is not None and step >= 5
+
+
+def test_signal_during_evaluation_stops_at_its_end(toy_config, tmp_path):
+  """A SIGTERM while a model is evaluated (nothing to save there) stops after that evaluation,
+  before the next model trains, with Preempted naming the stage; the trained model is saved."""
+  from jaxguide.training import run
+  toy_config.train.steps = 10
+
+  def evaluate(name, *args):
+    os.kill(os.getpid(), signal.SIGTERM)   # StopSignal's handler records it
+    return {}
+  with pytest.raises(training.Preempted, match="during score's evaluation: score saved at step 10"):
+    run.train(toy_config, str(tmp_path), progress=False, evaluate=evaluate)
+  assert wd.latest_step(str(tmp_path), "score") == 10
+  assert wd.latest_step(str(tmp_path), "classifier") is None
+
+
+def test_signal_during_the_final_grids_stops_after_the_grid(toy_run, tmp_path):
+  """A signal recorded while the CFG grid is drawn stops before the classifier grid."""
+  from jaxguide.cli import sample_output
+  workdir = str(tmp_path / "run")
+  shutil.copytree(toy_run, workdir)
+  with training.StopSignal() as stop:
+    stop.requested = signal.SIGTERM
+    with pytest.raises(training.Preempted, match="during the final grids: every model saved"):
+      sample_output.final_grids(workdir, stop=stop)
+  assert os.listdir(os.path.join(workdir, "samples")) == ["cfg"]
 
 
 # ------------------------------------------------------------------ host work per training step

@@ -185,11 +185,13 @@ def write_report(out: str, summary: dict[str, Any], run: pipeline.Run) -> None:
   checkpoint.atomic_write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=2))
 
 
-def final_grids(workdir: str) -> dict[str, Any]:
+def final_grids(workdir: str, stop: Any = None) -> dict[str, Any]:
   """train.py's last act: a CFG grid and, when a classifier was trained, a classifier-guidance
   grid at the config's scales, judged by the evaluator when there is one. With several processes
   every process calls it (each samples its share; process 0 writes): a batch the devices do not
-  divide is sampled whole by each device rather than refused, since training has already ended."""
+  divide is sampled whole by each device rather than refused, since training has already ended.
+  `stop` (an entered `training.StopSignal`): a signal during a grid stops after it, by
+  `training.Preempted`."""
   run = pipeline.load_run(workdir)
   out = prepare_out(os.path.join(workdir, "samples"))
   kinds = ["cfg"] + (["classifier"] if "classifier" in run.params else [])
@@ -199,6 +201,8 @@ def final_grids(workdir: str) -> dict[str, Any]:
   for kind in kinds:
     req = complete_request(Request(guidance=(kind,), evaluate=can_judge), run)
     summary = sample_and_write(run, req, prepare_out(os.path.join(out, kind)), judge)
+    if stop is not None:
+      stop.check(None, None, "the final grids")
     results[kind] = {"files": summary["files"], "compile_s": summary["compile_s"],
                      "sample_s": summary["sample_s"],
                      **({"accuracy": summary["report"][0]["accuracy"]} if can_judge else {})}

@@ -65,11 +65,15 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
 
 
 class Preempted(Exception):
-  """SIGTERM or SIGINT arrived; a checkpoint of the step reached was saved before stopping."""
+  """SIGTERM or SIGINT arrived; a checkpoint of the step reached was saved before stopping. A
+  signal during a stage that saves nothing (a model's evaluation, the final grids) stops at the
+  stage's end: `stage` names it, and `model` None means every model is saved."""
 
-  def __init__(self, model: str, step: int):
-    super().__init__(f"stopped by a signal: {model} saved at step {step}: run the same command to resume")
-    self.model, self.step = model, step
+  def __init__(self, model: str | None, step: int | None, stage: str = "training"):
+    saved = f"{model} saved at step {step}" if model else "every model saved"
+    where = "" if stage == "training" else f" during {stage}"
+    super().__init__(f"stopped by a signal{where}: {saved}: run the same command to resume")
+    self.model, self.step, self.stage = model, step, stage
 
 
 class Diverged(Exception):
@@ -124,6 +128,12 @@ class StopSignal:
     if self._synced:
       return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
     return self.requested is not None
+
+  def check(self, model: str | None, step: int | None, stage: str) -> None:
+    """Raises Preempted at the end of a stage that saves nothing, if a signal came during it
+    (with several processes: every process at the same call)."""
+    if self.due():
+      raise Preempted(model, step, stage)
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():

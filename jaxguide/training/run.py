@@ -4,6 +4,7 @@ Evaluation is passed in (`evaluate`): training imports nothing of sampling or ev
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -123,17 +124,22 @@ def write_run_files(plan: Plan) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          evaluate: Optional[Evaluate] = None) -> dict[str, Any]:
+          evaluate: Optional[Evaluate] = None, stop: Optional[StopSignal] = None) -> dict[str, Any]:
   """Trains every model in `config.models` (resuming from `workdir`) and writes
   train_report.json. `evaluate(name, spec, config, ema_params, test_ds)` (e.g.
-  `evaluation.metrics.evaluate_model`) adds each model's held-out figures to its entry."""
+  `evaluation.metrics.evaluate_model`) adds each model's held-out figures to its entry.
+
+  A SIGTERM or SIGINT stops training after a step, saved, or an evaluation at its end, by raising
+  `Preempted`; `stop` is the caller's entered StopSignal when its job goes on after training
+  (train.py's final grids), else one is entered here."""
   plan = prepare(config, workdir)   # everything checked first: bad input changes nothing
   write_run_files(plan)
   writer = MetricsWriter(workdir)
   # Models trained here replace their entries; those trained by an earlier command stay (e.g. a
   # guide added with --config.models=guide keeps the score network's figures).
   report = {k: v for k, v in wd.read_report(workdir).items() if k not in plan.specs}
-  with StopSignal() as stop:   # one for every model: a signal while evaluating stops the next
+  with contextlib.ExitStack() as stack:
+    stop = stop or stack.enter_context(StopSignal())
     for name, spec in plan.specs.items():
       state, speed = train_model(spec, config, workdir, plan.train_ds, plan.mesh, writer, progress,
                                  stop, resume_from=plan.resume_from.pop(name))
@@ -141,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                       "params": int(sum(np.size(p) for p in jax.tree.leaves(state.params)))}
       if evaluate is not None:
         report[name].update(evaluate(name, spec, config, state.ema_params, plan.test_ds))
+        stop.check(name, int(state.step), f"{name}'s evaluation")
   if is_primary():
     wd.write_report(workdir, report)
   return report
