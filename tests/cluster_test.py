@@ -1,5 +1,10 @@
 """jaxguide.cluster: launches refused before jax starts, and the agreements between processes,
 with a stand-in for the all-gather (the real one runs in tests/multiprocess_test.py)."""
+import json
+import os
+import socket
+import time
+
 import numpy as np
 import pytest
 from absl import flags
@@ -139,3 +144,68 @@ def test_steps_below_the_checkpoint_refused(toy_run):
   with pytest.raises(ConfigError, match=r"^score.train.steps=20 is below score's checkpoint at step 40 "
                                         r".*give at least 40, or another --workdir$"):
     train_run.prepare(config, toy_run)
+
+
+# ------------------------------------------------------------------ one training job per workdir
+
+
+def claim_file(workdir, **fields) -> None:
+  """An owner record as another job's Owner writes it."""
+  record = {"job": "slurm:999", "host": socket.gethostname(), "pid": os.getppid(),
+            "token": "other", "heartbeat": time.time(), **fields}
+  (workdir / wd.OWNER_FILE).write_text(json.dumps(record))
+
+
+def test_a_live_claim_refuses_a_second_job(tmp_path):
+  claim_file(tmp_path)   # the parent process: alive, this host
+  with pytest.raises(ConfigError, match=r"being trained by job slurm:999 .*delete .*\.jaxguide-owner"):
+    wd.check_owner(str(tmp_path))
+  with pytest.raises(ConfigError, match="being trained by job slurm:999"):
+    with wd.Owner(str(tmp_path)):
+      pass
+  assert json.loads((tmp_path / wd.OWNER_FILE).read_text())["token"] == "other"   # left alone
+
+
+@pytest.mark.parametrize("why, fields, environ", [
+    ("its process is gone (this host)", {"pid": 2**22 + 1}, {}),
+    ("not renewed within the lease", {"host": "elsewhere", "heartbeat": time.time() - wd.LEASE_S - 1}, {}),
+    ("the same job, requeued", {"host": "elsewhere"}, {"SLURM_JOB_ID": "999"}),
+])
+def test_a_dead_or_own_claim_is_taken_over(tmp_path, why, fields, environ):
+  claim_file(tmp_path, **fields)
+  wd.check_owner(str(tmp_path), environ)
+  with wd.Owner(str(tmp_path), environ) as owner:
+    held = json.loads((tmp_path / wd.OWNER_FILE).read_text())
+    assert held["token"] == owner.record["token"] and held["pid"] == os.getpid(), why
+  assert not (tmp_path / wd.OWNER_FILE).exists()
+
+
+def test_a_claim_is_renewed_and_released_only_by_its_owner(tmp_path, monkeypatch):
+  monkeypatch.setattr(wd, "HEARTBEAT_S", 0.01)
+  with wd.Owner(str(tmp_path)):
+    first = json.loads((tmp_path / wd.OWNER_FILE).read_text())["heartbeat"]
+    deadline = time.time() + 10
+    while json.loads((tmp_path / wd.OWNER_FILE).read_text())["heartbeat"] == first:
+      assert time.time() < deadline, "the claim was not renewed"
+      time.sleep(0.01)
+    claim_file(tmp_path)   # taken over meanwhile (this job looked dead): not removed at exit
+    monkeypatch.setattr(wd, "HEARTBEAT_S", 1e6)
+  assert json.loads((tmp_path / wd.OWNER_FILE).read_text())["token"] == "other"
+
+
+def test_a_half_written_claim_counts_until_its_lease_ends(tmp_path):
+  (tmp_path / wd.OWNER_FILE).write_text("")
+  with pytest.raises(ConfigError, match="being trained by job None"):
+    wd.check_owner(str(tmp_path))
+  old = time.time() - wd.LEASE_S - 1
+  os.utime(tmp_path / wd.OWNER_FILE, (old, old))
+  wd.check_owner(str(tmp_path))
+
+
+def test_training_refuses_a_workdir_another_job_trains(toy_config, tmp_path):
+  """train.py's refusal: one line, before anything is written."""
+  from jaxguide.training import run
+  claim_file(tmp_path)
+  with pytest.raises(ConfigError, match="being trained by job slurm:999"):
+    run.train(toy_config, str(tmp_path), progress=False)
+  assert os.listdir(tmp_path) == [wd.OWNER_FILE]

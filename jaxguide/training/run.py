@@ -90,6 +90,8 @@ def _check_and_open(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   """This host's checks and reads, all before any collective."""
   config_lib.validate(config)
   wd.check_workdir(workdir, config)
+  if is_primary():
+    wd.check_owner(workdir)
   if jax.process_count() > 1 and config.train.num_devices:
     raise ConfigError(f"train.num_devices={config.train.num_devices} with {jax.process_count()} "
                       "processes: use 0 (every device of every process), or run one process")
@@ -139,6 +141,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   # guide added with --config.models=guide keeps the score network's figures).
   report = {k: v for k, v in wd.read_report(workdir).items() if k not in plan.specs}
   with contextlib.ExitStack() as stack:
+    if is_primary():
+      stack.enter_context(wd.Owner(workdir))
     stop = stop or stack.enter_context(StopSignal())
     for name, spec in plan.specs.items():
       state, speed = train_model(spec, config, workdir, plan.train_ds, plan.mesh, writer, progress,

@@ -7,16 +7,21 @@
   train_report.json   each model's steps, speed and held-out figures
   checkpoints/NAME/   orbax checkpoints of each model (`restore_latest`)
   samples/            train.py's final grids (`jaxguide.cli.sample_output`)
+  .jaxguide-owner     the training job that holds the workdir while it trains (`Owner`)
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Optional, Sequence
+import socket
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxguide import cluster
@@ -146,6 +151,117 @@ def check_shared(workdir: str) -> None:
   cluster.agree(read_back, f"--workdir={workdir}")
   if jax.process_index() == 0:
     os.remove(path)
+
+
+OWNER_FILE = ".jaxguide-owner"
+HEARTBEAT_S = 30.0   # how often the training job renews its claim
+LEASE_S = 120.0      # a claim not renewed for this long is a dead job's
+
+
+def job_id(environ: Mapping[str, str] = os.environ) -> str:
+  """This job: the scheduler's job id (a requeued SLURM job keeps its id, and takes its own
+  workdir back at once), else this host and process."""
+  if environ.get("SLURM_JOB_ID"):
+    return "slurm:" + environ["SLURM_JOB_ID"]
+  return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+  except OSError:
+    return True
+
+
+def _read_owner(path: str) -> dict[str, Any] | None:
+  """The claim in OWNER_FILE, None if there is none; a claim being written, or damaged, counts as
+  renewed when the file last changed."""
+  try:
+    with open(path) as f:
+      owner = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    owner = None
+  if not isinstance(owner, dict):
+    try:
+      owner = {"heartbeat": os.path.getmtime(path)}
+    except OSError:
+      return None
+  return owner
+
+
+def check_owner(workdir: str, environ: Mapping[str, str] = os.environ) -> None:
+  """Refuses a workdir that another training job holds: one whose claim (`Owner`) is renewed
+  within LEASE_S, and which is not this job and not a dead process of this host. Read-only."""
+  path = os.path.join(workdir, OWNER_FILE)
+  owner = _read_owner(path)
+  if owner is None or owner.get("job") == job_id(environ):
+    return
+  age = time.time() - float(owner.get("heartbeat", 0.0))
+  if age > LEASE_S:
+    return
+  host, pid = owner.get("host"), int(owner.get("pid", -1))
+  if host == socket.gethostname() and not _alive(pid):
+    return
+  raise ConfigError(f"--workdir={workdir} is being trained by job {owner.get('job')} (process {pid} "
+                    f"on {host}, last seen {age:.0f} s ago): wait for it to end, or use another "
+                    f"--workdir; if that job is gone, delete {path}")
+
+
+class Owner:
+  """The running training job's claim on its workdir (process 0's): OWNER_FILE names the job, its
+  host and process, renewed every HEARTBEAT_S by a daemon thread and removed at exit. A job killed
+  outright leaves it behind; it then stops counting once its process is gone (same host) or
+  LEASE_S after its last renewal (any host), so resuming after a crash is never blocked for
+  long. A second job on the same workdir is refused by `check_owner`, or here if both check at
+  once."""
+
+  def __init__(self, workdir: str, environ: Mapping[str, str] = os.environ):
+    self.workdir, self.path, self.environ = workdir, os.path.join(workdir, OWNER_FILE), environ
+    self.record = {"job": job_id(environ), "host": socket.gethostname(), "pid": os.getpid(),
+                   "token": os.urandom(8).hex()}
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _write(self) -> None:
+    checkpoint.atomic_write_text(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
+
+  def __enter__(self) -> "Owner":
+    check_owner(self.workdir, self.environ)   # the claim may have changed since prepare's check
+    if _read_owner(self.path) is None:
+      try:   # created only if absent: of two jobs starting at once, one gets it
+        os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+      except FileExistsError:
+        raise ConfigError(f"--workdir={self.workdir} was claimed by another job as this one "
+                          "started: use another --workdir") from None
+    self._write()
+    self._thread = threading.Thread(target=self._beat, daemon=True, name="jaxguide-owner")
+    self._thread.start()
+    return self
+
+  def _beat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        self._write()
+      except OSError as e:
+        logging.warning("cannot renew the claim on %s (%s)", self.workdir, e.strerror)
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    owner = _read_owner(self.path)
+    if owner is not None and owner.get("token") == self.record["token"]:
+      os.remove(self.path)
 
 
 METRICS_FILE = "metrics.jsonl"
