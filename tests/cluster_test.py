@@ -182,15 +182,19 @@ def test_a_dead_or_own_claim_is_taken_over(tmp_path, why, fields, environ):
 
 def test_a_claim_is_renewed_and_released_only_by_its_owner(tmp_path, monkeypatch):
   monkeypatch.setattr(wd, "HEARTBEAT_S", 0.01)
+  read = lambda: json.loads((tmp_path / wd.OWNER_FILE).read_text())
   with wd.Owner(str(tmp_path)):
-    first = json.loads((tmp_path / wd.OWNER_FILE).read_text())["heartbeat"]
+    first = read()["heartbeat"]
     deadline = time.time() + 10
-    while json.loads((tmp_path / wd.OWNER_FILE).read_text())["heartbeat"] == first:
+    while read()["heartbeat"] == first:
       assert time.time() < deadline, "the claim was not renewed"
       time.sleep(0.01)
-    claim_file(tmp_path)   # taken over meanwhile (this job looked dead): not removed at exit
-    monkeypatch.setattr(wd, "HEARTBEAT_S", 1e6)
-  assert json.loads((tmp_path / wd.OWNER_FILE).read_text())["token"] == "other"
+  assert not (tmp_path / wd.OWNER_FILE).exists()
+  monkeypatch.setattr(wd, "HEARTBEAT_S", 1e6)
+  with wd.Owner(str(tmp_path)) as owner:
+    claim_file(tmp_path)   # taken over meanwhile (as if this job had looked dead)
+    assert not owner.renew()
+  assert read()["token"] == "other"   # neither renewed nor removed
 
 
 def test_a_half_written_claim_counts_until_its_lease_ends(tmp_path):
@@ -209,3 +213,29 @@ def test_training_refuses_a_workdir_another_job_trains(toy_config, tmp_path):
   with pytest.raises(ConfigError, match="being trained by job slurm:999"):
     run.train(toy_config, str(tmp_path), progress=False)
   assert os.listdir(tmp_path) == [wd.OWNER_FILE]
+
+
+# ------------------------------------------------------------------ workdirs on object stores
+
+
+def test_a_workdir_through_the_object_store_path(toy_config, tmp_path, monkeypatch):
+  """Every workdir file through the branch a gs:// workdir takes (etils.epath, uploads instead of
+  renames, metrics written whole, no O_EXCL claim), on a local folder: training, a resume and
+  sampling read back what they wrote."""
+  from jaxguide import pipeline
+  from jaxguide.cli import train_job
+  urls = []
+  monkeypatch.setattr(checkpoint, "is_local", lambda path: urls.append(str(path)) or False)
+  workdir = str(tmp_path / "run")
+  toy_config.models = "score"
+  toy_config.train.steps = 20
+  train_job.train_and_evaluate(toy_config, workdir, progress=False)
+  toy_config.train.steps = 30
+  report = train_job.train_and_evaluate(toy_config, workdir, progress=False)
+  assert report["score"]["steps"] == 30 and wd.latest_step(workdir, "score") == 30
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, wd.METRICS_FILE))]
+  assert steps == [10, 20, 30]
+  assert not [n for n in os.listdir(workdir) if n.startswith(".")]   # no temporary or claim file
+  assert any(u.endswith(wd.METRICS_FILE) for u in urls) and any(u.endswith(wd.OWNER_FILE) for u in urls)
+  run = pipeline.load_run(workdir)
+  assert run.shape == (2,) and "score" in run.params

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 from jaxguide import parallel, pipeline
 from jaxguide.cli.sample_request import (
@@ -32,12 +33,13 @@ from jaxguide.training import checkpoint
 def prepare_out(out: str) -> str:
   """Creates the output folder (after every check has passed). With several processes process 0
   creates it and tells the others whether it could: all refuse alike, or none does."""
-  if os.path.exists(out) and not os.path.isdir(out):
+  folder = epath.Path(out)
+  if folder.exists() and not folder.is_dir():
     raise ConfigError(f"--out={out} is a file: choose a folder path")
   error = None
   if parallel.is_primary():
     try:
-      os.makedirs(out, exist_ok=True)
+      folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
       error = e.strerror
   if not parallel.agree(error is None):

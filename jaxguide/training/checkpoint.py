@@ -1,5 +1,7 @@
 """Checkpoints: a thin wrapper over orbax's `CheckpointManager`, and atomic writes of the
-workdir's other files (their formats: `training.workdir`).
+workdir's other files (their formats: `training.workdir`). A workdir is a local folder or any
+URL that etils.epath opens (gs://bucket/run): orbax takes both, and the other files go through
+epath where they are not local.
 
 Orbax writes each step into a temporary folder and renames it when complete (its "finalize"), so
 a run killed mid-save leaves no half checkpoint that could be loaded: `latest_step` only sees
@@ -15,6 +17,7 @@ import inspect
 import io
 import logging as logging_std
 import os
+import re
 import sys
 import tempfile
 from typing import Any, Iterator
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from jaxguide.errors import ConfigError
 
@@ -33,7 +37,7 @@ class CheckpointError(ConfigError):
 
 def incomplete_saves(directory: str) -> list[str]:
   """Folders a save left unfinished (killed before orbax's finalizing rename)."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return []
   return sorted(ocp.step.tmp_checkpoints(directory))
 
@@ -132,7 +136,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3,
                read_only: bool = False, warn_incomplete: bool = True):
     _ignore_closed_loop_callbacks()
-    self.directory = os.path.abspath(directory)
+    self.directory = absolute(directory)
     self.incomplete = incomplete_saves(self.directory)
     if self.incomplete and warn_incomplete:
       logging.warning("ignoring %d incomplete checkpoint(s) in %s left by an interrupted save (%s): "
@@ -260,20 +264,41 @@ class Checkpointer:
     self._manager.close()
 
 
+def is_local(path: str) -> bool:
+  """Whether `path` is a folder of this host's filesystem, not a URL such as gs://bucket/run
+  (which goes through etils.epath, as orbax's own paths do)."""
+  return _URL.match(str(path)) is None
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a URL as given."""
+  return os.path.abspath(path) if is_local(path) else str(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`, renamed onto it when the block succeeds: a reader
-  never sees half a file, and a failure leaves the old file (or none) in place."""
-  directory = os.path.dirname(os.path.abspath(path))
+  """Yields a temporary local path; when the block succeeds its file replaces `path`: beside it
+  and by a rename on a local filesystem, so a reader never sees half a file and a failure leaves
+  the old file (or none) in place; by one upload for a URL (an object store shows whole objects
+  only)."""
+  local = is_local(path)
+  directory = os.path.dirname(os.path.abspath(path)) if local else None
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   os.close(fd)
   try:
     yield tmp
-    # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    if local:
+      # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)
+      os.replace(tmp, path)
+    else:
+      with open(tmp, "rb") as f:
+        epath.Path(path).write_bytes(f.read())
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
+from etils import epath
 from tqdm.auto import tqdm
 
 from jaxguide import config as config_lib
@@ -37,17 +38,21 @@ class MetricsWriter:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    line = json.dumps(record, sort_keys=True) + "\n"
+    if checkpoint.is_local(self.path):
+      with open(self.path, "a") as f:
+        f.write(line)
+    else:   # an object store has no append: the file is written again, whole
+      path = epath.Path(self.path)
+      checkpoint.atomic_write_text(self.path, (path.read_text() if path.exists() else "") + line)
 
   def rewind(self, model: str, step: int) -> None:
     """Drops `model`'s records after `step`: a run killed after its last checkpoint logged steps
     that the resumed run repeats, and each step should appear once. A line cut short by the kill
     is dropped too. Rewritten atomically; nothing is written when nothing is dropped."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not epath.Path(self.path).exists():
       return
-    with open(self.path) as f:
-      lines = f.read().splitlines()
+    lines = epath.Path(self.path).read_text().splitlines()
     keep = []
     for line in lines:
       try:

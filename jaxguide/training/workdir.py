@@ -1,4 +1,5 @@
-"""The workdir format: every file a run folder holds, with its one reader and one writer.
+"""The workdir format: every file a run folder holds, with its one reader and one writer. A
+workdir is a local folder or a URL that etils.epath opens (gs://bucket/run; `checkpoint`).
 
   config.json         the run's config (CONFIG_SECTIONS), written by training, read by all
   data_info.json      the data's example shape and class count, for sampling without the data
@@ -11,6 +12,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -22,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxguide import cluster
@@ -45,8 +48,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_json(path: str) -> Any:
   """A JSON file of a workdir; ConfigError naming the file if it is damaged."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text())
   except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
     raise ConfigError(f"{path} is damaged ({checkpoint._one_line(e, 60)}): restore it, or use a new "
                       "--workdir") from None
@@ -57,7 +59,7 @@ def read_json(path: str) -> Any:
 def load_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config a workdir was trained with, or None if it has none yet."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
   saved = read_json(path)
   missing = [s for s in CONFIG_SECTIONS if not isinstance(saved, dict) or s not in saved]
@@ -97,15 +99,18 @@ def _normalise(tree: Any) -> Any:
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Read-only checks: the workdir is a writable folder (or can be made), and a run already in it
   was trained with the same data, SDE and architectures, so resuming cannot mix two runs."""
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
+  path = checkpoint.absolute(workdir)
+  folder = epath.Path(path)
+  if folder.exists() and not folder.is_dir():
     raise ConfigError(f"--workdir={workdir} is a file, not a folder: choose a new folder path")
-  parent = path
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir={workdir}: {parent} is not a writable folder: choose a writable path")
-  saved = load_config(path) if os.path.isdir(path) else None
+  if checkpoint.is_local(path):   # an object store's permissions show at the first write
+    parent = path
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+      raise ConfigError(f"--workdir={workdir}: {parent} is not a writable folder: choose a "
+                        "writable path")
+  saved = load_config(path) if folder.is_dir() else None
   if saved is None:
     return
   for section in FROZEN_SECTIONS:
@@ -117,7 +122,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def make_workdir(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}): choose a writable path") from None
 
@@ -140,8 +145,7 @@ def check_shared(workdir: str) -> None:
 
   def read_back() -> None:
     try:
-      with open(path) as f:
-        seen = f.read().strip()
+      seen = epath.Path(path).read_text().strip()
     except OSError:
       seen = None
     if seen != token:
@@ -150,7 +154,7 @@ def check_shared(workdir: str) -> None:
                         "host the same shared path (NFS, a bucket mount), not a host-local one")
   cluster.agree(read_back, f"--workdir={workdir}")
   if jax.process_index() == 0:
-    os.remove(path)
+    epath.Path(path).unlink()
 
 
 OWNER_FILE = ".jaxguide-owner"
@@ -185,15 +189,14 @@ def _read_owner(path: str) -> dict[str, Any] | None:
   """The claim in OWNER_FILE, None if there is none; a claim being written, or damaged, counts as
   renewed when the file last changed."""
   try:
-    with open(path) as f:
-      owner = json.load(f)
+    owner = json.loads(epath.Path(path).read_text())
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
     owner = None
   if not isinstance(owner, dict):
-    try:
-      owner = {"heartbeat": os.path.getmtime(path)}
+    try:   # an object store's modification time: counted as long dead
+      owner = {"heartbeat": os.path.getmtime(path) if checkpoint.is_local(path) else 0.0}
     except OSError:
       return None
   return owner
@@ -237,7 +240,7 @@ class Owner:
 
   def __enter__(self) -> "Owner":
     check_owner(self.workdir, self.environ)   # the claim may have changed since prepare's check
-    if _read_owner(self.path) is None:
+    if _read_owner(self.path) is None and checkpoint.is_local(self.path):
       try:   # created only if absent: of two jobs starting at once, one gets it
         os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
       except FileExistsError:
@@ -249,11 +252,22 @@ class Owner:
     return self
 
   def _beat(self) -> None:
-    while not self._stop.wait(HEARTBEAT_S):
-      try:
-        self._write()
-      except OSError as e:
-        logging.warning("cannot renew the claim on %s (%s)", self.workdir, e.strerror)
+    while not self._stop.wait(HEARTBEAT_S) and self.renew():
+      pass
+
+  def renew(self) -> bool:
+    """Renews the claim; False (and a warning) once another job has taken it over, which
+    happens only if this one looked dead: no renewal for LEASE_S."""
+    owner = _read_owner(self.path)
+    if owner is not None and owner.get("token") != self.record["token"]:
+      logging.warning("%s was taken over by job %s: this job's claim ends", self.workdir,
+                      owner.get("job"))
+      return False
+    try:
+      self._write()
+    except OSError as e:
+      logging.warning("cannot renew the claim on %s (%s)", self.workdir, e.strerror)
+    return True
 
   def __exit__(self, *exc) -> None:
     self._stop.set()
@@ -261,7 +275,7 @@ class Owner:
       self._thread.join()
     owner = _read_owner(self.path)
     if owner is not None and owner.get("token") == self.record["token"]:
-      os.remove(self.path)
+      epath.Path(self.path).unlink()
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -286,7 +300,7 @@ def samples_dir(workdir: str) -> str:
 def read_data_info(workdir: str) -> tuple[tuple[int, ...], int]:
   """(example shape, class count) from data_info.json; ConfigError if missing or damaged."""
   path = os.path.join(workdir, DATA_INFO_FILE)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise ConfigError(f"--workdir={workdir} holds no trained run (no {DATA_INFO_FILE}): "
                       f"train one first with python train.py --workdir {workdir}")
   info = read_json(path)
@@ -302,7 +316,7 @@ def read_report(workdir: str) -> dict[str, Any]:
   rewrites it rather than refusing to train)."""
   path = os.path.join(workdir, REPORT_FILE)
   try:
-    report = read_json(path) if os.path.exists(path) else None
+    report = read_json(path) if epath.Path(path).exists() else None
   except ConfigError:
     report = None
   return report if isinstance(report, dict) else {}
@@ -315,10 +329,10 @@ def write_report(workdir: str, report: dict[str, Any]) -> None:
 def read_conditions(workdir: str) -> Optional[dict[str, np.ndarray]]:
   """conditions.npz's arrays (`jaxguide.conditioning.Captions`), or None if there is none."""
   path = os.path.join(workdir, CONDITIONS_FILE)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   except (OSError, ValueError):
     raise damaged_conditions(workdir) from None
@@ -337,7 +351,7 @@ def write_conditions(workdir: str, **arrays: np.ndarray) -> None:
 def latest_step(workdir: str, name: str) -> int | None:
   """The latest complete checkpoint step of one model as this host lists it, or None."""
   directory = checkpoint_dir(workdir, name)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return None
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
@@ -356,7 +370,7 @@ def restore_latest(workdir: str, name: str, target: Callable[[], Any] | None = N
   memory. `part` reads one top-level entry alone (e.g. "ema_params"). A damaged checkpoint, or a
   `step` this host does not see, raises `checkpoint.CheckpointError` (one line, with the fix)."""
   directory = checkpoint_dir(workdir, name)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     if step is None:
       return None
     raise checkpoint.CheckpointError(f"{directory} not found on this host, where process 0 "
