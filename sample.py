@@ -111,8 +111,16 @@ def define_flags(fv: flags.FlagValues) -> None:
                      "(default 0; 1 with no threshold is CFG).", flag_values=fv)
   flags.DEFINE_float("norm_threshold", None, "--guidance apg: bound r on the x̂₀ update's norm per "
                      "sample (default: none).", flag_values=fv)
-  flags.DEFINE_integer("recurrence", None, "--guidance x0_classifier: extra guided passes per step "
-                       "(default 0).", flag_values=fv)
+  flags.DEFINE_float("apg_momentum", None, "--guidance apg: momentum β in (-1, 1) of the x̂₀ update "
+                     "across steps (the paper's -0.5; default 0, none).", flag_values=fv)
+  flags.DEFINE_float("fdg_low", None, "--guidance fdg: the scale of the coarse band (--scale is the "
+                     "fine band's; default 1: the coarse structure conditional, unguided).",
+                     flag_values=fv)
+  flags.DEFINE_integer("fdg_levels", None, "--guidance fdg: bands of the Laplacian pyramid, >= 2 "
+                       "(default 2).", flag_values=fv)
+  flags.DEFINE_integer("recurrence", None, "Self-recurrence: repeat every step but the last n more "
+                       "times, re-noised back to its start (every sampler and guidance; default 0).",
+                       flag_values=fv)
   flags.DEFINE_integer("batch_size", 1000, "Samples per compiled call.", flag_values=fv)
   flags.DEFINE_string("dtype", None, "The networks' compute dtype: float32 | bfloat16 (default: the "
                       "config's sample.dtype, float32 whatever they were trained in).",

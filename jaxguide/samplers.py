@@ -53,8 +53,8 @@ Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0]
 
 
 def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array, save_every: int,
-          eps_fn: Optional[EpsFn] = None, *,
-          evaluates_t_next: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
+          eps_fn: Optional[EpsFn] = None, *, y: Optional[jax.Array] = None, sde: Optional[VPSDE] = None,
+          recurrence: int = 0, evaluates_t_next: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
   """Runs `step` over consecutive (t, t_next) pairs of `times` in lax.scan.
 
   One scan, except where `eps_fn` tests guidance intervals (`guidance.intervals_of`) and `times`
@@ -64,22 +64,27 @@ def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array, save_every
   (and, `evaluates_t_next`, at t_next: ode_heun), so that time (both) decides; a Heun step whose
   two times straddle an end of the interval keeps the per-sample test.
 
+  The carry also holds the state of every stateful guidance function of `eps_fn`
+  (`guidance.state`: initialised from x_T and `y`), and each step is traced under
+  `guidance.carried`. `recurrence` = n repeats each step but the last n more times (`_recurrent`).
+
   The trajectory is a buffer in the carry written every `save_every` steps, not a per-step scan
   output: that would hold all `steps` states (hundreds of MB for 1000 image steps).
   """
   n = times.shape[0] - 1
   keys = jax.random.split(key, n)
+  advance = _recurrent(step, eps_fn, sde, recurrence)
 
   def run(state, start, stop, decisions):
     def body(state, inputs):     # a new function per stretch: traced under its own decisions
-      inner, traj = state
+      inner, states, traj = state
       i, t, t_next, k = inputs
-      inner = step(inner, t, t_next, k, i == n - 1)
+      inner, states = advance(inner, states, t, t_next, k, i == n - 1)
       if traj is not None:
         slot = (i + 1) // save_every
         keep = jnp.where((i + 1) % save_every == 0, inner[0], traj[slot])
         traj = lax.dynamic_update_index_in_dim(traj, keep, slot, 0)
-      return (inner, traj), None
+      return (inner, states, traj), None
     xs = (jnp.arange(start, stop), times[start:stop], times[start + 1:stop + 1], keys[start:stop])
     with guidance.decided_intervals(decisions):
       return lax.scan(body, state, xs)[0]
@@ -88,11 +93,41 @@ def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array, save_every
   if save_every:
     x = carry[0]
     traj = jnp.zeros((n // save_every + 1,) + x.shape, x.dtype).at[0].set(x)
-  state = (carry, traj)
+  states = guidance.init_states(eps_fn, carry[0], y) if eps_fn is not None else ()
+  state = (carry, states, traj)
   for start, stop, decisions in _stretches(times, guidance.intervals_of(eps_fn), evaluates_t_next):
     state = run(state, start, stop, decisions)
-  carry, traj = state
+  carry, _, traj = state
   return carry[0], traj
+
+
+def _recurrent(step: Step, eps_fn: Optional[EpsFn], sde: Optional[VPSDE], recurrence: int) -> Callable:
+  """(carry, states, t, t_next, key, last) -> (carry, states): `step` with the guidance states
+  threaded, and with self-recurrence (Bansal et al. 2023; RePaint's resampling, Lugmayr et al.
+  2022): n times, step t → s, then back to t by the forward transition
+  q(x_t | x_s) = N(√(1 − β_ts) x_s, β_ts I) with fresh noise; then the step that is kept. Each
+  repetition starts from the step's own carry but for x (a multistep sampler's history is that of
+  the steps before). The last step is never repeated. n = 0 is the step itself."""
+  def once(carry, states, t, t_next, key, last):
+    with guidance.carried(eps_fn, states) as box:
+      out = step(carry, t, t_next, key, last)
+    # The state keeps its dtype (a bfloat16 x stepped with float32 times and coefficients).
+    return jax.tree.map(lambda new, old: new.astype(old.dtype), out, carry), box.states()
+  if not recurrence:
+    return once
+
+  def repeated(carry, states, t, t_next, key, last):
+    beta = -jnp.expm1(2 * (sde.log_alpha(t) - sde.log_alpha(t_next)))
+
+    def again(j, loop):
+      x_t, states = loop
+      out, states = once((x_t,) + carry[1:], states, t, t_next,
+                         jax.random.fold_in(key, 2 * j + 1), last)
+      z = jax.random.normal(jax.random.fold_in(key, 2 * j + 2), x_t.shape, x_t.dtype)
+      return (jnp.sqrt(1.0 - beta) * out[0] + jnp.sqrt(beta) * z).astype(x_t.dtype), states
+    x_t, states = lax.fori_loop(0, jnp.where(last, 0, recurrence), again, (carry[0], states))
+    return once((x_t,) + carry[1:], states, t, t_next, key, last)
+  return repeated
 
 
 def _stretches(times: jax.Array, intervals, evaluates_t_next: bool = False) -> list[tuple[int, int, dict]]:
@@ -129,10 +164,13 @@ def _stretches(times: jax.Array, intervals, evaluates_t_next: bool = False) -> l
 
 
 def _batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
-  return jnp.full((x.shape[0],), t, x.dtype)
+  """t for every sample, in float32 whatever the state's dtype (a bfloat16 t is rounded by up to
+  0.4 %: another noise level than the step's)."""
+  return jnp.full((x.shape[0],), t, jnp.float32)
 
 
-def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0,
+                   save_every: int = 0):
   """Euler–Maruyama on the reverse SDE dx = [f − g² score] dt + g dW̄ (the reference tutorial's).
 
   The last step is Tweedie's x̂₀ at its start time (see the module docstring).
@@ -143,7 +181,7 @@ def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: i
     eps = eps_fn(x, tb, y)
     x_next = _reverse_sde_step(sde, x, eps, tb, h, key)
     return (jnp.where(last, eps_to_x0(sde, x, eps, tb), x_next),)
-  return _scan(step, (x,), times, key, save_every, eps_fn)
+  return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
 def _reverse_sde_step(sde: VPSDE, x, eps, tb, h, key):
@@ -154,7 +192,7 @@ def _reverse_sde_step(sde: VPSDE, x, eps, tb, h, key):
 
 
 def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
-       corrector_steps: int = 1, save_every: int = 0):
+       corrector_steps: int = 1, recurrence: int = 0, save_every: int = 0):
   """Predictor–corrector (score_sde): Langevin corrector at t, then a reverse-diffusion predictor.
 
   The Langevin step size 2 α_i (snr ‖z‖ / ‖score‖)² uses norms averaged over the batch, as
@@ -182,10 +220,11 @@ def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
     eps = eps_fn(x, tb, y)
     x_next = _reverse_sde_step(sde, x, eps, tb, h, keys[-1])
     return (jnp.where(last, eps_to_x0(sde, x, eps, tb), x_next),)
-  return _scan(step, (x,), times, key, save_every, eps_fn)
+  return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0,
+             save_every: int = 0):
   """Heun's 2nd-order method on the probability-flow ODE dx/dt = f − ½ g² score (EDM's sampler).
 
   Deterministic: `key` is unused. t_eps > 0, so every step, the last included, is corrected.
@@ -201,7 +240,8 @@ def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
     d1 = velocity(x, t)
     d2 = velocity(x + dt * d1, t_next)
     return (x + 0.5 * dt * (d1 + d2),)
-  return _scan(step, (x,), times, key, save_every, eps_fn, evaluates_t_next=True)
+  return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence,
+               evaluates_t_next=True)
 
 
 def _ancestral_coeffs(sde: VPSDE, t, t_next):
@@ -212,7 +252,7 @@ def _ancestral_coeffs(sde: VPSDE, t, t_next):
           -jnp.expm1(2 * (la - la_next)))
 
 
-def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0, save_every: int = 0):
   """Ancestral sampling (Ho et al. 2020) on ᾱ at the grid times: x_s = (x_t − β_ts/√(1−ᾱ_t) ε)
   / √(1 − β_ts) + σ_ts z with the posterior variance σ_ts² = β_ts (1 − ᾱ_s)/(1 − ᾱ_t).
 
@@ -227,10 +267,11 @@ def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
     mean = (x - beta / jnp.sqrt(var_t) * eps) / jnp.sqrt(1 - beta)
     std = jnp.where(last, 0.0, jnp.sqrt(beta * var_s / var_t))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
-  return _scan(step, (x,), times, key, save_every, eps_fn)
+  return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, save_every: int = 0):
+def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, recurrence: int = 0,
+         save_every: int = 0):
   """DDIM (Song et al. 2021): x_s = √ᾱ_s x̂₀ + √(1 − ᾱ_s − σ²) ε + σ z, σ = η σ_ts(ddpm).
 
   η = 0 is deterministic; η = 1 is ddpm (same noise, same result). Under CFG++
@@ -246,10 +287,11 @@ def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, save_
     mean = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(var_s - var, 0.0)) * eps
     std = jnp.where(last, 0.0, jnp.sqrt(var))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
-  return _scan(step, (x,), times, key, save_every, eps_fn)
+  return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0):
+def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0,
+             save_every: int = 0):
   """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction, in λ = ½ log-SNR.
 
   x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) D with h = λ_s − λ_t and D the 2nd-order extrapolation
@@ -275,7 +317,7 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, save_every: int = 0
     x = sigma_s / sigma_t * x - alpha_s * jnp.expm1(-h) * d
     return x, x0, h
   carry = (x, jnp.zeros_like(x), jnp.zeros((), jnp.float32))   # log_snr is float32
-  return _scan(step, carry, times, key, save_every, eps_fn)
+  return _scan(step, carry, times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
 # The samplers that re-noise with a Paired ε-function's second ε (CFG++); the others walk its
@@ -296,20 +338,25 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
            sampler: str = "euler_maruyama", steps: int = 1000, *, t_eps: float = 1e-3,
            spacing: str = "linear", return_trajectory: bool = False, save_every: int = 50,
            clip_x0: Optional[float] = None, dynamic_threshold: Optional[float] = None,
-           **sampler_kwargs):
+           recurrence: int = 0, **sampler_kwargs):
   """Draws x0 (shape) from x_T ~ N(0, I) with `sampler` over `steps` steps from T to t_eps.
 
   `spacing` is the time grid's (`VPSDE.time_grid`): "linear" in t or "logsnr" (uniform in λ);
   t_eps is best the score network's training t_eps (it never saw smaller times).
   Returns x0, or (x0, traj) with `return_trajectory` (traj: see the module docstring).
   `clip_x0=c` clips x̂₀ to [−c, c]; `dynamic_threshold=p` is Imagen's with quantile p (0.995);
+  `recurrence=n` repeats every step but the last n more times, re-noised back to its start
+  time by the forward process (self-recurrence; `_recurrent`), for every sampler and guidance.
   `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta).
+  0 < t_eps < sde.T. CFG++ (`guidance.cfgpp`) runs on the samplers that re-noise (RENOISING).
+  Stateful guidance (`guidance.state`, e.g. APG's momentum) carries its state through the loop.
   jit it with the static arguments bound and scales traced inside eps_fn, e.g.
   `jax.jit(functools.partial(sample, eps_fn=g, sde=sde, shape=s, sampler="ddim", steps=50))
   (key, y=y)`. When the devices divide the batch, x_T and y are sharded over them (with several
   processes, over every process's devices: every process must then call it, one SPMD program).
   """
   fn = _check(sampler, steps, spacing, shape, y, return_trajectory, save_every, sampler_kwargs)
+  _check_run(eps_fn, sde, sampler, t_eps, recurrence)
   if dynamic_threshold is not None:
     eps_fn = guidance.dynamic_threshold(eps_fn, sde, dynamic_threshold)
   if clip_x0 is not None:
@@ -323,7 +370,7 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
   with jax.ensure_compile_time_eval():   # a concrete grid, also under jit: see _scan
     times = sde.time_grid(steps, t_eps, spacing)
-  x0, traj = fn(key_loop, eps_fn, sde, x, y, times,
+  x0, traj = fn(key_loop, eps_fn, sde, x, y, times, recurrence=int(recurrence),
                 save_every=save_every if return_trajectory else 0, **sampler_kwargs)
   return (x0, traj) if return_trajectory else x0
 
@@ -345,9 +392,27 @@ def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: 
                       f"per sample: labels ({shape[0]},) or condition vectors ({shape[0]}, D)")
   fn = SAMPLERS[sampler]
   known = [p.name for p in inspect.signature(fn).parameters.values()
-           if p.kind == p.KEYWORD_ONLY and p.name != "save_every"]
+           if p.kind == p.KEYWORD_ONLY and p.name not in ("save_every", "recurrence")]
   for name in sampler_kwargs:
     if name not in known:
       raise ConfigError(f"{name}= is not an option of sampler={sampler!r}: use "
                         f"{', '.join(known) or 'no options'}")
   return fn
+
+
+def _check_run(eps_fn: EpsFn, sde: VPSDE, sampler: str, t_eps, recurrence) -> None:
+  """The checks that need the ε-function or the SDE: t_eps inside (0, T), recurrence a count,
+  CFG++ only where the sampler re-noises."""
+  try:
+    t = float(t_eps)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    t = None   # traced: checked by nobody
+  if t is not None and not 0.0 < t < float(sde.T):
+    raise ConfigError(f"t_eps={t_eps!r}: the last time must be in (0, T = {float(sde.T):g}) "
+                      "(σ(0) = 0 divides; best the score network's training t_eps, e.g. 1e-3)")
+  if not isinstance(recurrence, numbers.Integral) or recurrence < 0:
+    raise ConfigError(f"recurrence={recurrence!r}: the repetitions of each step must be an int "
+                      ">= 0, e.g. recurrence=1")
+  if getattr(eps_fn, "pair", None) is not None and sampler not in RENOISING:
+    raise ConfigError(f"sampler={sampler!r} cannot run CFG++ (it does not re-noise with a second "
+                      f"ε, and would run plain CFG at λ): use {', '.join(RENOISING)}")

@@ -206,7 +206,11 @@ BAD_SAMPLE = [
     ("cfgpp lambda above one", None, ["--scale=cfgpp=0.5,1.5"], "[0, 1]"),
     ("cfgpp with an sde sampler", None, ["--scale=cfgpp=0.5", "--sampler=pc"], "cfgpp"),
     ("zero norm_threshold", None, ["--guidance=apg", "--norm_threshold=0"], "--norm_threshold"),
-    ("negative recurrence", None, ["--guidance=x0_classifier", "--recurrence=-1"], "--recurrence"),
+    ("negative recurrence", None, ["--guidance=cfg", "--recurrence=-1"], "--recurrence"),
+    ("fdg on points", None, ["--guidance=fdg"], "needs image data"),
+    ("fdg one level", None, ["--guidance=fdg", "--fdg_levels=1"], "--fdg_levels"),
+    ("momentum of one", None, ["--guidance=apg", "--apg_momentum=1"], "(-1, 1)"),
+    ("momentum without apg", None, ["--guidance=cfg", "--apg_momentum=-0.5"], "--guidance apg"),
     ("autoguidance without a guide", lambda w, t: copy_without(w, t, "guide"),
      ["--guidance=autoguidance"], "guide"),
     ("x0_classifier without an evaluator", None, ["--guidance=x0_classifier"], "evaluator"),
@@ -294,6 +298,19 @@ def test_generate_stops_at_the_score_t_eps(image_workdir):
                                          "ddim", 3, t_eps=t_eps)
   np.testing.assert_allclose(x, direct(0.02), rtol=1e-4, atol=1e-4)
   assert not np.allclose(x, direct(1e-3), rtol=1e-4, atol=1e-4)
+
+
+def test_fdg_momentum_and_recurrence_through_the_pipeline(image_workdir):
+  """FDG with equal band scales samples what CFG samples; APG's momentum and self-recurrence (a
+  sampler option, not a guidance one) change the draw; all from `pipeline.generate`."""
+  run = pipeline.load_run(image_workdir)
+  y, key, s = np.arange(2, dtype=np.int32), jax.random.PRNGKey(0), np.full(2, 2.0, np.float32)
+  draw = lambda kind, **o: pipeline.generate(run, key, y, s, kind=kind, sampler="ddim", steps=3, **o)
+  np.testing.assert_allclose(draw("fdg", fdg_low=2.0), draw("cfg"), atol=1e-4)
+  assert not np.allclose(draw("fdg", fdg_low=0.5), draw("cfg"), atol=1e-3)
+  plain = draw("apg")
+  assert not np.allclose(draw("apg", apg_momentum=-0.5), plain, atol=1e-4)
+  assert not np.allclose(draw("apg", recurrence=1), plain, atol=1e-4)
 
 
 def test_images_written_in_range_unless_raw(image_workdir, tmp_path):

@@ -248,6 +248,18 @@ def _family_options(flags_: Any) -> dict[str, Any]:
       raise ConfigError(f"--norm_threshold={flags_.norm_threshold}: must be a positive number "
                         "(drop it for no bound), e.g. 15")
     out["norm_threshold"] = float(flags_.norm_threshold)
+  if get("apg_momentum") is not None:
+    if not -1 < flags_.apg_momentum < 1:
+      raise ConfigError(f"--apg_momentum={flags_.apg_momentum}: must be in (-1, 1), e.g. -0.5")
+    out["apg_momentum"] = float(flags_.apg_momentum)
+  if get("fdg_low") is not None:
+    if not np.isfinite(flags_.fdg_low):
+      raise ConfigError(f"--fdg_low={flags_.fdg_low}: must be a finite number, e.g. 1")
+    out["fdg_low"] = float(flags_.fdg_low)
+  if get("fdg_levels") is not None:
+    if flags_.fdg_levels < 2:
+      raise ConfigError(f"--fdg_levels={flags_.fdg_levels}: must be an integer >= 2, e.g. 2")
+    out["fdg_levels"] = int(flags_.fdg_levels)
   if get("recurrence") is not None:
     if flags_.recurrence < 0:
       raise ConfigError(f"--recurrence={flags_.recurrence}: must be an integer >= 0, e.g. 1")
@@ -259,6 +271,10 @@ def _family_options(flags_: Any) -> dict[str, Any]:
 def _check_family(req: "Request", run: pipeline.Run) -> None:
   """The guidance table's checks (`guidance.registry.check`), then the values that need the run."""
   registry.check(req.guidance, req.options, req.sampler, req.scales, run.captions is not None)
+  for name in req.guidance:
+    if registry.get(name).images_only and len(run.shape) != 3:
+      raise ConfigError(f"--guidance {name} needs image data, and this workdir's data are points "
+                        f"of shape {run.shape}: use cfg or apg")
   k = run.num_classes
   if run.captions is not None and "negative_label" in req.options:
     raise ConfigError("--negative takes a class label, and this workdir was trained on text "

@@ -16,9 +16,10 @@ from jax.typing import ArrayLike
 from jaxguide.diffusion.score import EpsFn
 from jaxguide.diffusion.sde import broadcast_to_data
 from jaxguide.errors import ConfigError
-from jaxguide.guidance.intervals import Interval, _check_interval, _within, tag_intervals
+from jaxguide.guidance.intervals import Interval, _check_interval, _within
 from jaxguide.guidance.passes import cond_and_null, null_like, passes
 from jaxguide.guidance.scales import Scale, _lerp, scale_at
+from jaxguide.guidance.state import tag
 
 
 def unconditional(eps_fn: EpsFn, null_label: ArrayLike) -> EpsFn:
@@ -29,7 +30,7 @@ def unconditional(eps_fn: EpsFn, null_label: ArrayLike) -> EpsFn:
   """
   def fn(x, t, y):
     return eps_fn(x, t, null_like(y, null_label))
-  return tag_intervals(fn, None, eps_fn)
+  return tag(fn, None, eps_fn, name="unconditional")
 
 
 def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: ArrayLike, *,
@@ -46,7 +47,7 @@ def classifier_free(eps_fn: EpsFn, scale: Scale, null_label: ArrayLike, *,
   def fn(x, t, y):
     guided = lambda: _cfg(eps_fn, scale, null_label, rescale, x, t, y)
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return tag_intervals(fn, interval, eps_fn)
+  return tag(fn, interval, eps_fn, vmaps=True, name="classifier_free")
 
 
 def _cfg(eps_fn: EpsFn, scale, null_label: ArrayLike, rescale, x, t, y) -> tuple[jax.Array, jax.Array]:
@@ -85,7 +86,7 @@ def negative(eps_fn: EpsFn, scale: Scale, negative_label: ArrayLike, *,
       cond, away = passes(eps_fn, x, t, jnp.stack([y, neg]))
       return _lerp(away, cond, scale, t), cond
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return tag_intervals(fn, interval, eps_fn)
+  return tag(fn, interval, eps_fn, vmaps=True, name="negative")
 
 
 def compose(eps_fn: EpsFn, labels: ArrayLike, weights: ArrayLike, null_label: ArrayLike) -> EpsFn:
@@ -118,7 +119,7 @@ def compose(eps_fn: EpsFn, labels: ArrayLike, weights: ArrayLike, null_label: Ar
     conds, uncond = out[:-1], out[-1]
     w = w.T.reshape(w.shape[::-1] + (1,) * (x.ndim - 1)).astype(out.dtype)      # (k, B, 1...)
     return uncond + jnp.sum(w * (conds - uncond[None]), axis=0)
-  return fn
+  return tag(fn, None, eps_fn, vmaps=True, name="compose")
 
 
 def autoguidance(eps_fn: EpsFn, weak_eps_fn: EpsFn, scale: Scale, *,
@@ -133,4 +134,4 @@ def autoguidance(eps_fn: EpsFn, weak_eps_fn: EpsFn, scale: Scale, *,
       good = eps_fn(x, t, y)
       return _lerp(weak_eps_fn(x, t, y), good, scale, t), good
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return tag_intervals(fn, interval, eps_fn)
+  return tag(fn, interval, eps_fn, weak_eps_fn, name="autoguidance")

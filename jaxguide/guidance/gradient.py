@@ -10,12 +10,12 @@ import jax
 from jax.typing import ArrayLike
 
 from jaxguide.diffusion.score import EpsFn, LogProbFn, eps_to_x0
-from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
-from jaxguide.errors import ConfigError
+from jaxguide.diffusion.sde import VPSDE
 from jaxguide.guidance.free import _cfg
-from jaxguide.guidance.intervals import Interval, _check_interval, _within, tag_intervals
+from jaxguide.guidance.intervals import Interval, _check_interval, _within
 from jaxguide.guidance.passes import classifier_grad, selected_log_prob, subtract_gradient
 from jaxguide.guidance.scales import Scale
+from jaxguide.guidance.state import tag
 
 
 def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, *,
@@ -32,7 +32,7 @@ def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, 
     eps = eps_fn(x, t, y)
     guided = lambda: (_classifier_term(eps, log_prob_fn, sde, scale, x, t, y), eps)
     return _within(interval, t, guided, lambda: eps)
-  return tag_intervals(fn, interval, eps_fn)
+  return tag(fn, interval, eps_fn, name="classifier")
 
 
 def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
@@ -50,7 +50,7 @@ def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
       return _classifier_term(eps, log_prob_fn, sde, clf_scale, x, t, y), cond
     # Outside the interval both terms are skipped: plain conditional ε, one network pass.
     return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return tag_intervals(fn, interval, eps_fn)
+  return tag(fn, interval, eps_fn, vmaps=True, name="combine")
 
 
 def _classifier_term(eps, log_prob_fn, sde, scale, x, t, y) -> jax.Array:
@@ -58,19 +58,13 @@ def _classifier_term(eps, log_prob_fn, sde, scale, x, t, y) -> jax.Array:
   return subtract_gradient(eps, classifier_grad(log_prob_fn, x, t, y), sde, scale, t)
 
 
-def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *, recurrence: int = 0,
+def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *,
                   interval: Interval = None) -> EpsFn:
   """Guidance by a classifier of clean images (Bansal et al. 2023's forward guidance):
   ε̃ = ε − s σ(t) ∇ₓ log p(y | x̂₀(x, t)), the gradient taken through the denoiser;
   `log_prob_fn(x) -> (B, K)` takes no t, so the evaluator or any classifier of data serves.
-
-  recurrence = n repeats the guided prediction n more times at the same t, each time from
-  x ← α x̂₀(ε̃) + σ ε̃ (Bansal et al.'s self-recurrence, with the guided noise in place of fresh
-  noise, so that the ε-function stays deterministic). n = 0 is plain forward guidance.
-  """
+  Bansal et al.'s self-recurrence is the samplers' `recurrence=n` (`jaxguide.sample`)."""
   _check_interval(interval)
-  if not isinstance(recurrence, int) or recurrence < 0:
-    raise ConfigError(f"x0_classifier recurrence={recurrence!r}: must be an integer >= 0, e.g. 0")
 
   def guided_once(x, t, y):
     def total(x):   # the ε of this pass rides along as aux: one network call per pass
@@ -80,13 +74,5 @@ def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *, recur
     return subtract_gradient(eps, grad, sde, scale, t), eps
 
   def fn(x, t, y):
-    def guided():
-      out, eps = guided_once(x, t, y)
-      alpha, sigma = sde.marginal_coeffs(t)
-      for _ in range(recurrence):
-        x0 = eps_to_x0(sde, x, out, t)
-        x_again = broadcast_to_data(alpha, x) * x0 + broadcast_to_data(sigma, x) * out
-        out, _ = guided_once(x_again, t, y)
-      return out, eps
-    return _within(interval, t, guided, lambda: eps_fn(x, t, y))
-  return tag_intervals(fn, interval, eps_fn)
+    return _within(interval, t, lambda: guided_once(x, t, y), lambda: eps_fn(x, t, y))
+  return tag(fn, interval, eps_fn, vmaps=True, name="x0_classifier")

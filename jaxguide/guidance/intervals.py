@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import numbers
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,13 @@ Interval = Optional[Sequence[float]]   # (t_lo, t_hi) or None for every t
 
 
 def _within(interval: Interval, t: jax.Array,
-            guided: Callable[[], tuple[jax.Array, jax.Array]],
-            plain: Callable[[], jax.Array]) -> jax.Array:
-  """`guided()[0]` where t is inside `interval`, the unguided ε elsewhere (see module docstring).
+            guided: Callable[[], tuple[Any, Any]], plain: Callable[[], Any]) -> Any:
+  """`guided()[0]` where t is inside `interval`, the unguided output elsewhere (see module
+  docstring).
 
-  `guided()` returns (guided ε, unguided ε) because it computes both anyway; `plain()` computes
-  the unguided ε alone, for when no sample is inside.
+  `guided()` returns (guided output, unguided output) because it computes both anyway; `plain()`
+  computes the unguided output alone, for when no sample is inside. An output is ε, or any pytree
+  of per-sample arrays (a stateful transform's (ε, state)).
   """
   if interval is None:
     return guided()[0]
@@ -40,11 +41,18 @@ def _within(interval: Interval, t: jax.Array,
   inside = (t >= lo) & (t <= hi)                                            # (B,)
 
   def on():
-    eps, unguided = guided()
-    return jnp.where(broadcast_to_data(inside, eps), eps, unguided)
+    out, unguided = guided()
+    return jax.tree.map(lambda a, b: jnp.where(broadcast_to_data(inside, a), a, b), out, unguided)
+  if _threading_state():   # a stateful function's new state cannot leave a lax.cond branch
+    return on()
   # Only where the step's times are not known at trace time (a user's own loop, a traced grid)
   # or straddle an end of the interval: lax.cond skips the extra work when no sample is inside.
   return lax.cond(jnp.any(inside), on, plain)
+
+
+def _threading_state() -> bool:
+  from jaxguide.guidance import state   # state imports this module
+  return state.threading_state()
 
 
 # Guidance intervals, decided outside the traced step. A guided ε-function records the static

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxguide.diffusion.score import EpsFn, LogProbFn
 from jaxguide.diffusion.sde import VPSDE
 from jaxguide.errors import ConfigError
-from jaxguide.guidance import free, gradient, projected, x0
+from jaxguide.guidance import free, frequency, gradient, projected, x0
 from jaxguide.guidance.scales import scale_at
 from jaxguide.samplers import RENOISING
 
@@ -40,7 +40,9 @@ OPTIONS = {o.name: o for o in (
     Option("compose", "--compose"),
     Option("apg_eta", "--apg_eta"),
     Option("norm_threshold", "--norm_threshold"),
-    Option("recurrence", "--recurrence"),
+    Option("apg_momentum", "--apg_momentum"),
+    Option("fdg_low", "--fdg_low"),
+    Option("fdg_levels", "--fdg_levels"),
 )}
 
 
@@ -69,6 +71,7 @@ class Kind:
   options: tuple[str, ...] = ()
   samplers: Optional[tuple[str, ...]] = None    # the samplers it runs on; None: every one
   scale_range: Optional[tuple[float, float]] = None
+  images_only: bool = False                 # needs (H, W, C) data: not for toy points
 
 
 def _base(m: Models, guide_conditional: bool) -> EpsFn:
@@ -85,10 +88,10 @@ def _compose(m: Models, scale, clf_scale, *, compose=None) -> EpsFn:
   return composed
 
 
-def _x0_classifier(m: Models, scale, clf_scale, *, guide_conditional=False, recurrence=0,
+def _x0_classifier(m: Models, scale, clf_scale, *, guide_conditional=False,
                    interval=None) -> EpsFn:
   return gradient.x0_classifier(_base(m, guide_conditional), m.evaluator, m.sde, scale,
-                               recurrence=recurrence, interval=interval)
+                               interval=interval)
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
@@ -117,14 +120,18 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("autoguidance", "ε_guide(y) + s (ε(y) − ε_guide(y)), the workdir's guide network",
          lambda m, s, w, interval=None: free.autoguidance(m.eps, m.guide, s, interval=interval),
          needs=("guide",), options=("interval",)),
-    Kind("apg", "adaptive projected guidance at s (--apg_eta, --norm_threshold)",
-         lambda m, s, w, apg_eta=0.0, norm_threshold=None, interval=None: projected.apg(
-             m.eps, m.sde, s, m.null, eta=apg_eta, norm_threshold=norm_threshold,
-             interval=interval),
-         options=("apg_eta", "norm_threshold", "interval")),
+    Kind("apg", "adaptive projected guidance at s (--apg_eta, --norm_threshold, --apg_momentum)",
+         lambda m, s, w, apg_eta=0.0, norm_threshold=None, apg_momentum=0.0, interval=None:
+         projected.apg(m.eps, m.sde, s, m.null, eta=apg_eta, norm_threshold=norm_threshold,
+                       momentum=apg_momentum, interval=interval),
+         options=("apg_eta", "norm_threshold", "apg_momentum", "interval")),
+    Kind("fdg", "CFG's x̂₀ difference by frequency band: the fine band at s, the coarse at --fdg_low",
+         lambda m, s, w, fdg_low=1.0, fdg_levels=2, interval=None: frequency.fdg(
+             m.eps, m.sde, fdg_low, s, m.null, levels=fdg_levels, interval=interval),
+         options=("fdg_low", "fdg_levels", "interval"), images_only=True),
     Kind("x0_classifier", "ε − s σ ∇ₓ log p(y | x̂₀) with the workdir's evaluator",
          _x0_classifier, needs=("evaluator",), labels_only=True, neutral=0.0,
-         default_scale="clf_scale", options=("guide_conditional", "recurrence", "interval")),
+         default_scale="clf_scale", options=("guide_conditional", "interval")),
     Kind("cfgpp", "CFG++ at λ = s: x̂₀ from CFG, re-noised with ε(∅)",
          lambda m, s, w: x0.cfgpp(m.eps, s, m.null), default_scale="cfgpp_scale",
          samplers=RENOISING, scale_range=(0.0, 1.0)),

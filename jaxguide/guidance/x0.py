@@ -13,9 +13,9 @@ from jax.typing import ArrayLike
 from jaxguide.diffusion.score import EpsFn, eps_to_x0, x0_to_eps
 from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
 from jaxguide.errors import ConfigError
-from jaxguide.guidance.intervals import tag_intervals
 from jaxguide.guidance.passes import cond_and_null
 from jaxguide.guidance.scales import Scale, _lerp
+from jaxguide.guidance.state import tag
 
 
 class Paired:
@@ -38,12 +38,12 @@ def _map_x0(eps_fn: EpsFn, sde: VPSDE, f: Callable[[jax.Array], jax.Array]) -> E
     return mapped(x, t, eps_fn(x, t, y))
   pair = getattr(eps_fn, "pair", None)
   if pair is None:
-    return tag_intervals(fn, None, eps_fn)
+    return tag(fn, None, eps_fn)
 
   def paired(x, t, y):
     guided, renoise = pair(x, t, y)
     return mapped(x, t, guided), renoise
-  return tag_intervals(Paired(lambda x, t, y: paired(x, t, y)[0], paired), None, eps_fn)
+  return tag(Paired(lambda x, t, y: paired(x, t, y)[0], paired), None, eps_fn, keeps_pair=True)
 
 
 def clip_x0(eps_fn: EpsFn, sde: VPSDE, limit: float = 1.0) -> EpsFn:
@@ -79,6 +79,7 @@ class CFGPlusPlus(Paired):
       raise ConfigError(f"cfgpp lambda={lam}: must be in [0, 1] (CFG++'s guidance), e.g. 0.6")
     self.eps_fn, self.lam, self.null_label = eps_fn, lam, null_label
     super().__init__(lambda x, t, y: self.pair(x, t, y)[0], self._pair)
+    tag(self, None, eps_fn, vmaps=True, name="cfgpp")
 
   def _pair(self, x, t, y) -> tuple[jax.Array, jax.Array]:
     cond, uncond = cond_and_null(self.eps_fn, x, t, y, self.null_label)
