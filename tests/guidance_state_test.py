@@ -4,7 +4,6 @@ samplers, APG's options, CFG rescale, float32 times. Against the exact ε of a G
 and closed forms."""
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
