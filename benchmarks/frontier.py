@@ -21,18 +21,37 @@ from absl import flags
 from jaxguide.evaluation import plotting
 
 # Kinds whose neutral scale is the conditional network itself, and that scale.
-NEUTRAL = {"cfg": 1.0, "apg": 1.0, "autoguidance": 1.0, "classifier": 0.0, "x0_classifier": 0.0}
+NEUTRAL = {"cfg": 1.0, "apg": 1.0, "autoguidance": 1.0, "fdg": 1.0, "classifier": 0.0,
+           "x0_classifier": 0.0}
+# Options that belong to one kind: runs that differ in them combine, their lines named by them.
+KIND_OPTIONS = ("apg_eta", "norm_threshold", "apg_momentum", "fdg_low", "fdg_levels", "recurrence")
 CONDITIONAL_BASE = ("classifier", "x0_classifier")   # neutral only when guiding ε(x, t, y)
+
+
+def settings_of(run: dict) -> dict:
+  """What every combined run must share: the workdir, the sample count and every option but a
+  kind's own (APG's momentum, FDG's coarse scale, ...), which name the kind's line instead."""
+  return {"workdir": run["workdir"], "num_per_class": run["num_per_class"],
+          "options": {k: v for k, v in run["options"].items() if k not in KIND_OPTIONS}}
+
+
+def labelled(run: dict, rows: list[dict]) -> list[dict]:
+  """Rows of a run with a kind's own options: the kind named with them, e.g. 'apg apg_momentum=-0.5'."""
+  own = {k: v for k, v in run["options"].items() if k in KIND_OPTIONS}
+  if not own:
+    return rows
+  suffix = " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in own.items())
+  return [{**r, "guidance": f"{r['guidance']} {suffix}"} if r["guidance"] != "none" else r
+          for r in rows]
 
 
 def load(paths: list[str]) -> tuple[dict, dict[str, dict]]:
   """(the runs' shared settings, per judge: floor and all rows), refusing runs that differ."""
   runs = [json.load(open(p)) for p in paths]
-  keys = ("workdir", "options", "num_per_class")
-  first = {k: runs[0][k] for k in keys}
+  first = settings_of(runs[0])
   for path, run in zip(paths, runs):
-    if {k: run[k] for k in keys} != first:
-      raise SystemExit(f"error: {path} was drawn otherwise ({ {k: run[k] for k in keys} }): "
+    if settings_of(run) != first:
+      raise SystemExit(f"error: {path} was drawn otherwise ({settings_of(run)}): "
                        f"combine only runs of {first}")
   judges = {}
   for name in ("evaluator", "judge2"):
@@ -40,7 +59,7 @@ def load(paths: list[str]) -> tuple[dict, dict[str, dict]]:
     if not present:
       continue
     judges[name] = {"floor": present[0][name]["floor"],
-                    "rows": [row for r in present for row in r[name]["rows"]]}
+                    "rows": [row for r in present for row in labelled(r, r[name]["rows"])]}
   return first, judges
 
 
@@ -50,11 +69,13 @@ def with_neutral(rows: list[dict], guide_conditional: bool) -> list[dict]:
   out = [r for r in rows if r["guidance"] != "none"]
   if not none:
     return out
-  for kind, neutral in NEUTRAL.items():
-    if kind in CONDITIONAL_BASE and not guide_conditional:
-      continue
-    if any(r["guidance"] == kind for r in out) and not any(
-        r["guidance"] == kind and r["scale"] == neutral for r in out):
+  for kind in dict.fromkeys(r["guidance"] for r in out):
+    base = kind.split(" ")[0]
+    neutral = NEUTRAL.get(base)
+    if neutral is None or (base in CONDITIONAL_BASE and not guide_conditional) or (
+        base == "fdg" and "fdg_low" in kind and not kind.endswith("fdg_low=1")):
+      continue   # FDG is the conditional network at s = 1 only with its coarse scale at 1
+    if not any(r["guidance"] == kind and r["scale"] == neutral for r in out):
       out.append({**none[0], "guidance": kind, "scale": neutral})
   return none + out
 

@@ -129,11 +129,15 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("errors", None, "PNG: every sample a judge puts in another class, a row per "
                       "kind and scale, each titled requested -> what each judge read (also listed in "
                       "--json under 'errors').", flag_values=fv)
-  flags.DEFINE_multi_string("option", [], "NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS), e.g. "
+  flags.DEFINE_multi_string("option", [], "NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS) or recurrence, e.g. "
                             "norm_threshold=15; repeatable.", flag_values=fv)
 
 
 FLAGS = flags.FLAGS
+
+
+# Guidance options, and the sampler option that applies to every guidance.
+OPTION_NAMES = (*pipeline.GUIDE_OPTIONS, "recurrence")
 
 
 def main(argv) -> None:
@@ -148,8 +152,8 @@ def main(argv) -> None:
   flagged = {} if FLAGS.guide_conditional is None else {"guide_conditional": FLAGS.guide_conditional}
   for entry in FLAGS.option:
     name, _, value = entry.partition("=")
-    if name not in pipeline.GUIDE_OPTIONS:
-      raise SystemExit(f"error: --option {name}: use one of {', '.join(pipeline.GUIDE_OPTIONS)}")
+    if name not in OPTION_NAMES:
+      raise SystemExit(f"error: --option {name}: use one of {', '.join(OPTION_NAMES)}")
     parsed = json.loads(value) if value[:1] in "[0123456789-." else value
     tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
     flagged[name] = tuples(parsed)   # hashable: options key the compile cache

@@ -202,6 +202,32 @@ def test_frontier(quality_run, runs):
   assert is_png(png)
 
 
+def test_frontier_names_lines_by_a_kinds_own_options(quality_run, runs):
+  """A run whose options differ only in a kind's own (APG's momentum) combines, its line named by
+  them and given the unguided point; a run with another sampler setting is refused."""
+  _, quality_json = quality_run
+  with open(quality_json) as f:
+    base = json.load(f)
+  rows = lambda kind: {j: {**base[j], "rows": [{**r, "guidance": kind} for r in base[j]["rows"]
+                                               if r["guidance"] == "cfg"]}
+                       for j in ("evaluator",)}
+  momentum = {**base, **rows("apg"), "options": {**base["options"], "apg_momentum": -0.5}}
+  other = {**base, "options": {**base["options"], "steps": 7}}
+  paths = []
+  for name, run in (("momentum", momentum), ("other", other)):
+    paths.append(runs.path(f"{name}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(run, f)
+  res = runs("benchmarks/frontier.py", quality_json, paths[0])
+  assert_ok(res)
+  kinds = [l.split("|")[1].strip() for l in res.stdout.splitlines() if l.startswith("| ")]
+  assert "apg apg_momentum=-0.5" in kinds
+  scales = next(l for l in res.stdout.splitlines() if l.startswith("| apg apg_momentum")).split("|")[2]
+  assert scales.strip() == "1, 2"   # the unguided point as its s = 1
+  refused = runs("benchmarks/frontier.py", quality_json, paths[1])
+  assert refused.returncode != 0 and "drawn otherwise" in refused.stderr
+
+
 def test_quality_curve(quality_run, runs):
   _, quality_json = quality_run
   png = runs.path("curve.png")
