@@ -70,16 +70,18 @@ def test_apg_momentum_in_ddim_is_the_papers_recursion():
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_momentum_zero_as_state_is_apg_without_momentum(sampler):
-  """β = 0 as a traced array takes the stateful path: the same samples as the stateless one, in
-  every sampler (and with recurrence, which threads the state through the repeats)."""
+def test_state_and_recurrence_in_every_sampler(sampler):
+  """β = 0 as a traced array takes the stateful path: the same samples as the stateless one,
+  with recurrence 1, which threads the state through the repeats and changes the draw."""
   y = labels(B)
   run = jax.jit(lambda beta: sample(KEY, guidance.apg(exact_eps, SDE, 2.0, NULL, momentum=beta),
                                     SDE, (B, 2), y, sampler, 4, recurrence=1))
-  plain = sample(KEY, guidance.apg(exact_eps, SDE, 2.0, NULL), SDE, (B, 2), y, sampler, 4,
-                 recurrence=1)
-  np.testing.assert_allclose(run(jnp.float32(0.0)), plain, atol=1e-5)
+  plain = lambda r: sample(KEY, guidance.apg(exact_eps, SDE, 2.0, NULL), SDE, (B, 2), y, sampler, 4,
+                           recurrence=r)
+  once = plain(1)
+  np.testing.assert_allclose(run(jnp.float32(0.0)), once, atol=1e-5)
   assert bool(jnp.all(jnp.isfinite(run(jnp.float32(-0.5)))))
+  assert float(jnp.max(jnp.abs(once - plain(0)))) > 1e-3
 
 
 def test_stateful_guidance_refused_where_its_state_cannot_leave():
@@ -115,14 +117,6 @@ def test_recurrence_keeps_the_law_and_changes_the_draw():
     # E|z| for z ~ N(0, σ² I₂) is σ √(π/2); 100 steps fall short of it by their discretisation.
     assert abs(spread[r] - float(MIX.stds[0]) * np.sqrt(np.pi / 2)) < 0.015, spread
   assert abs(spread[2] - spread[0]) < 0.008, spread
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_recurrence_runs_in_every_sampler(sampler):
-  y = labels(B)
-  one = sample(KEY, cfg(2.0), SDE, (B, 2), y, sampler, 4, recurrence=1)
-  zero = sample(KEY, cfg(2.0), SDE, (B, 2), y, sampler, 4)
-  assert bool(jnp.all(jnp.isfinite(one))) and float(jnp.max(jnp.abs(one - zero))) > 1e-3
 
 
 def test_recurrence_refused_unless_a_count():
