@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 # a dataset or model prepared by hand fails here as it would on a fresh machine.
 if not os.environ.get("JAXGUIDE_DATA"):
   os.environ["JAXGUIDE_DATA"] = tempfile.mkdtemp(prefix="jaxguide-test-data-")
+  atexit.register(shutil.rmtree, os.environ["JAXGUIDE_DATA"], ignore_errors=True)
 # One persistent XLA compilation cache per pytest run, inherited by every child interpreter and
 # removed at exit: a test that builds a program another test (or process) already compiled, such
 # as a fresh jit of the same network, loads the executable instead of compiling it again.
