@@ -69,7 +69,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).",
                        flag_values=fv)
   flags.DEFINE_string("spacing", None, "Time grid: linear (uniform in t) | logsnr (uniform in "
-                      "log(α²/σ²)). Default: the config's sample.spacing.", flag_values=fv)
+                      "log(α²/σ²)) | karras (uniform in σ̃^(1/ρ), EDM's). Default: the config's "
+                      "sample.spacing.", flag_values=fv)
+  flags.DEFINE_float("rho", None, "--spacing karras: the exponent ρ (default 7).", flag_values=fv)
   flags.DEFINE_integer("num_per_class", None, "Samples per label and scale.", flag_values=fv)
   flags.DEFINE_string("labels", None, "Comma list of class indices (default: every class).",
                       flag_values=fv)
@@ -92,6 +94,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_float("eta", None, "ddim: stochasticity η (0 = deterministic).", flag_values=fv)
   flags.DEFINE_float("snr", None, "pc: Langevin corrector signal-to-noise ratio.", flag_values=fv)
+  flags.DEFINE_float("churn", None, "edm: stochastic churn S_churn >= 0 (default 0, deterministic; "
+                     "EDM's 40-80).", flag_values=fv)
+  flags.DEFINE_float("s_tmin", None, "edm: churn only for σ̃ >= s_tmin (default 0).", flag_values=fv)
+  flags.DEFINE_float("s_tmax", None, "edm: churn only for σ̃ <= s_tmax (default: every level).",
+                     flag_values=fv)
+  flags.DEFINE_float("s_noise", None, "edm: the churn noise's scale (default 1).", flag_values=fv)
   flags.DEFINE_float("clip_x0", None, "Clip x̂₀ to [-c, c] at every step; 0 = off. Default: the "
                      "config's sample.clip_x0 (1 for image presets, 0 for toy2d).", flag_values=fv)
   flags.DEFINE_bool("raw", False, "Write image samples as sampled: not clipped to [-1, 1].",

@@ -22,7 +22,8 @@ No sampler adds noise on its final step. What each returns, for the grid T = t_0
   ddpm                the ancestral step to t_eps without its noise: the mean of
                       q(x_{t_eps} | x_{t_{N−1}}, x̂₀).
   ddim                the DDIM step to t_eps without its noise: √ᾱ x̂₀ + √(1 − ᾱ − σ_η²) ε.
-  ode_heun, dpmpp_2m  the probability-flow ODE's numerical solution at t_eps.
+  ode_heun, dpmpp_2m, edm  the probability-flow ODE's numerical solution at t_eps (edm: with its
+                      churn noise, when churn > 0).
 
 σ(t_eps) ≈ 0.004 at t_eps = 1e-3 for the default schedule, so a state at t_eps is as clean as
 x̂₀ to the eye. `sample()` takes t_eps; sample.py and train.py's grids pass the score network's
@@ -320,6 +321,63 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0
   return _scan(step, carry, times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
+def edm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, churn: float = 0.0, s_tmin: float = 0.0,
+        s_tmax: float = float("inf"), s_noise: float = 1.0, recurrence: int = 0,
+        save_every: int = 0):
+  """EDM's sampler (Karras et al. 2022, Alg. 2) on any process: Heun's method on x̃ = x/α in the
+  VE noise level σ̃ = σ/α, where the probability-flow ODE is dx̃/dσ̃ = (x̃ − D(x̃; σ̃))/σ̃ = ε, with
+  stochastic churn: at each step whose σ̃ is in [s_tmin, s_tmax], noise of level
+  √(σ̂² − σ̃²)·s_noise first lifts σ̃ to σ̂ = σ̃(1 + γ), γ = min(churn/N, √2 − 1) (never above
+  σ̃(T)). churn = 0 is deterministic (then `key` is unused) and converges at second order. Every
+  step, the last included, is corrected: the grid ends at t_eps > 0. `spacing="karras"` gives
+  EDM's own grid."""
+  _check_edm(churn, s_tmin, s_tmax, s_noise)
+  n = times.shape[0] - 1
+  gamma_max = jnp.minimum(jnp.asarray(churn, jnp.float32) / n, np.sqrt(2.0) - 1.0)
+  top = sde.sigma_tilde(times[0])
+
+  def slope(x_tilde, t):      # (x̃ − D)/σ̃ at the noise level of time t: the ε-prediction
+    alpha = broadcast_to_data(sde.marginal_coeffs(t)[0], x_tilde)
+    return eps_fn(alpha * x_tilde, _batch_t(t, x_tilde), y)
+
+  def step(carry, t, t_next, key, last):
+    (x,) = carry
+    s_cur, s_next = sde.sigma_tilde(t), sde.sigma_tilde(t_next)
+    gamma = jnp.where((s_cur >= s_tmin) & (s_cur <= s_tmax), gamma_max, 0.0)
+    s_hat = jnp.maximum(s_cur, jnp.minimum(s_cur * (1.0 + gamma), top))
+    # Decided by γ, not by comparing σ̂ with σ̃: two roundings of the same level must not send
+    # ε through the float32 round trip σ̃ → t when there is no churn.
+    t_hat = jnp.where(gamma > 0, sde.time_of_sigma_tilde(s_hat), t)
+    # √(σ̂² − σ̃²) as √((σ̂ − σ̃)(σ̂ + σ̃)): exactly 0 without churn (σ̂² − σ̃² fused into an FMA
+    # leaves σ̃²'s rounding error, whose square root is far above it).
+    lift = jnp.sqrt(jnp.maximum((s_hat - s_cur) * (s_hat + s_cur), 0.0)) * s_noise
+    x_hat = x / sde.marginal_coeffs(t)[0] + lift * jax.random.normal(key, x.shape, x.dtype)
+    d = slope(x_hat, t_hat)
+    x_euler = x_hat + (s_next - s_hat) * d
+    x_next = x_hat + (s_next - s_hat) * 0.5 * (d + slope(x_euler, t_next))
+    return (sde.marginal_coeffs(t_next)[0] * x_next,)
+  return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence,
+               evaluates_t_next=True)
+
+
+def _check_edm(churn, s_tmin, s_tmax, s_noise) -> None:
+  """EDM's options, where they are known at trace time, with one line each."""
+  def known(v):
+    try:
+      return float(v)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+      return None
+  c, lo, hi, noise = known(churn), known(s_tmin), known(s_tmax), known(s_noise)
+  if c is not None and not c >= 0:
+    raise ConfigError(f"churn={churn!r}: EDM's stochasticity must be >= 0 (0 = deterministic, "
+                      "e.g. 40)")
+  if noise is not None and not noise >= 0:
+    raise ConfigError(f"s_noise={s_noise!r}: must be >= 0 (EDM's 1.003 or 1)")
+  if lo is not None and hi is not None and lo > hi:
+    raise ConfigError(f"s_tmin={s_tmin!r} > s_tmax={s_tmax!r}: churn applies for σ̃ in "
+                      "[s_tmin, s_tmax]; give s_tmin <= s_tmax")
+
+
 # The samplers that re-noise with a Paired ε-function's second ε (CFG++); the others walk its
 # first, guided ε alone.
 RENOISING = ("ddpm", "ddim", "dpmpp_2m")
@@ -331,6 +389,7 @@ SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm,
     "ddim": ddim,
     "dpmpp_2m": dpmpp_2m,
+    "edm": edm,
 }
 
 
@@ -338,16 +397,18 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
            sampler: str = "euler_maruyama", steps: int = 1000, *, t_eps: float = 1e-3,
            spacing: str = "linear", return_trajectory: bool = False, save_every: int = 50,
            clip_x0: Optional[float] = None, dynamic_threshold: Optional[float] = None,
-           recurrence: int = 0, **sampler_kwargs):
+           recurrence: int = 0, rho: Optional[float] = None, **sampler_kwargs):
   """Draws x0 (shape) from x_T ~ N(0, I) with `sampler` over `steps` steps from T to t_eps.
 
-  `spacing` is the time grid's (`VPSDE.time_grid`): "linear" in t or "logsnr" (uniform in λ);
+  `spacing` is the time grid's (`VPSDE.time_grid`): "linear" in t, "logsnr" (uniform in λ) or
+  "karras" (uniform in σ̃^{1/ρ}, `rho` default 7);
   t_eps is best the score network's training t_eps (it never saw smaller times).
   Returns x0, or (x0, traj) with `return_trajectory` (traj: see the module docstring).
   `clip_x0=c` clips x̂₀ to [−c, c]; `dynamic_threshold=p` is Imagen's with quantile p (0.995);
   `recurrence=n` repeats every step but the last n more times, re-noised back to its start
   time by the forward process (self-recurrence; `_recurrent`), for every sampler and guidance.
-  `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta).
+  `sampler_kwargs` go to the sampler (pc: snr, corrector_steps; ddim: eta; edm: churn, s_tmin,
+  s_tmax, s_noise).
   0 < t_eps < sde.T. CFG++ (`guidance.cfgpp`) runs on the samplers that re-noise (RENOISING).
   Stateful guidance (`guidance.state`, e.g. APG's momentum) carries its state through the loop.
   jit it with the static arguments bound and scales traced inside eps_fn, e.g.
@@ -355,7 +416,7 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
   (key, y=y)`. When the devices divide the batch, x_T and y are sharded over them (with several
   processes, over every process's devices: every process must then call it, one SPMD program).
   """
-  fn = _check(sampler, steps, spacing, shape, y, return_trajectory, save_every, sampler_kwargs)
+  fn = _check(sampler, steps, spacing, shape, y, return_trajectory, save_every, sampler_kwargs, rho)
   _check_run(eps_fn, sde, sampler, t_eps, recurrence)
   if dynamic_threshold is not None:
     eps_fn = guidance.dynamic_threshold(eps_fn, sde, dynamic_threshold)
@@ -369,14 +430,14 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
     # A constraint, not device_put: it works under jit too, and jit propagates it to the loop.
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
   with jax.ensure_compile_time_eval():   # a concrete grid, also under jit: see _scan
-    times = sde.time_grid(steps, t_eps, spacing)
+    times = sde.time_grid(steps, t_eps, spacing, **({} if rho is None else {"rho": rho}))
   x0, traj = fn(key_loop, eps_fn, sde, x, y, times, recurrence=int(recurrence),
                 save_every=save_every if return_trajectory else 0, **sampler_kwargs)
   return (x0, traj) if return_trajectory else x0
 
 
 def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: bool,
-           save_every: int, sampler_kwargs: dict) -> Callable:
+           save_every: int, sampler_kwargs: dict, rho: Optional[float] = None) -> Callable:
   """Validates `sample`'s arguments with one-line ConfigErrors; returns the sampler function."""
   if sampler not in SAMPLERS:
     raise ConfigError(f"sampler={sampler!r} is not known: use one of {', '.join(SAMPLERS)}")
@@ -385,6 +446,9 @@ def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: 
                       "(e.g. steps=100)")
   if spacing not in SPACINGS:
     raise ConfigError(f"spacing={spacing!r} is not known: use one of {', '.join(SPACINGS)}")
+  if rho is not None and spacing != "karras":
+    raise ConfigError(f"rho={rho!r} is an option of spacing='karras', not {spacing!r}: drop it or "
+                      "use spacing='karras'")
   if return_trajectory and (not isinstance(save_every, numbers.Integral) or save_every < 1):
     raise ConfigError(f"save_every={save_every!r} must be an int >= 1 (e.g. save_every=50)")
   if jnp.ndim(y) < 1 or jnp.shape(y)[:1] != tuple(shape[:1]):

@@ -202,8 +202,8 @@ class IntervalTest(chex.TestCase):
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     self.assertGreaterEqual(len(scans), 2)
     with_cond = [e.params["length"] for e in scans if "cond[" in str(e.params["jaxpr"])]
-    # Only a Heun step whose t and t_next lie on either side of an end tests t per step.
-    self.assertEqual(with_cond, [1, 1] if sampler == "ode_heun" else [])
+    # Only a Heun step (ode_heun, edm) whose t and t_next lie on either side of an end tests t per step.
+    self.assertEqual(with_cond, [1, 1] if sampler in ("ode_heun", "edm") else [])
 
     def per_step(key, t_eps):     # t_eps traced: the grid is unknown when the loop is traced
       return samplers.sample(key, g, SDE, (B, 2), y, sampler, steps, t_eps=t_eps, **opts)

@@ -37,7 +37,7 @@ class Request:
   clf_scale: Optional[float] = None
   sampler: Optional[str] = None
   steps: Optional[int] = None
-  spacing: Optional[str] = None      # the time grid: linear | logsnr (VPSDE.time_grid)
+  spacing: Optional[str] = None      # the time grid: linear | logsnr | karras (VPSDE.time_grid)
   num_per_class: Optional[int] = None   # samples per label (per prompt) and scale
   labels: Optional[list[int]] = None
   prompts: Optional[list[str]] = None   # a text run's prompts (default: one held-out caption per class)
@@ -130,12 +130,18 @@ def parse_sweep(guidance: Optional[str],
   return tuple(kinds), scales
 
 
+EDM_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise")   # samplers.edm's
+
+
 def _sampler_options(flags_: Any) -> dict[str, Any]:
   """The samplers' and shared guidance options (eta, snr, clip_x0, rescale, interval, ...)."""
   options: dict[str, Any] = {}
-  for name in ("eta", "snr", "clip_x0"):
-    if getattr(flags_, name) is not None:
+  for name in ("eta", "snr", "clip_x0", *EDM_OPTIONS, "rho"):
+    if getattr(flags_, name, None) is not None:
       options[name] = float(getattr(flags_, name))
+  s_tmax = options.get("s_tmax")
+  if s_tmax is not None and np.isposinf(s_tmax):
+    del options["s_tmax"]   # the default: churn up to σ̃(T)
   if not all(np.isfinite(v) for v in options.values()):
     bad = next(k for k, v in options.items() if not np.isfinite(v))
     raise ConfigError(f"--{bad}={options[bad]}: must be a finite number")
@@ -143,6 +149,15 @@ def _sampler_options(flags_: Any) -> dict[str, Any]:
     raise ConfigError(f"--eta={flags_.eta}: must be >= 0 (0 = deterministic DDIM, 1 = DDPM's noise)")
   if options.get("snr", 1.0) <= 0:
     raise ConfigError(f"--snr={flags_.snr}: must be > 0, e.g. 0.16")
+  for name in ("churn", "s_noise"):
+    if options.get(name, 0.0) < 0:
+      raise ConfigError(f"--{name}={options[name]:g}: must be >= 0, e.g. --{name} "
+                        f"{'40' if name == 'churn' else '1'}")
+  if options.get("s_tmin", 0.0) > options.get("s_tmax", np.inf):
+    raise ConfigError(f"--s_tmin={options['s_tmin']:g} > --s_tmax={options['s_tmax']:g}: churn "
+                      "applies for σ̃ in [s_tmin, s_tmax]")
+  if options.get("rho", 1.0) <= 0:
+    raise ConfigError(f"--rho={options['rho']:g}: the Karras grid's exponent must be > 0, e.g. 7")
   if options.get("clip_x0", 0.0) < 0:
     raise ConfigError(f"--clip_x0={flags_.clip_x0}: must be >= 0 (0 = off), e.g. 1")
   if flags_.guide_conditional is not None:
@@ -360,6 +375,13 @@ def complete_request(req: Request, run: pipeline.Run) -> Request:
     raise ConfigError(f"--eta is an option of --sampler ddim, not {req.sampler}: drop it or use ddim")
   if req.options.get("snr") is not None and req.sampler != "pc":
     raise ConfigError(f"--snr is an option of --sampler pc, not {req.sampler}: drop it or use pc")
+  for name in EDM_OPTIONS:
+    if req.options.get(name) is not None and req.sampler != "edm":
+      raise ConfigError(f"--{name} is an option of --sampler edm, not {req.sampler}: drop it or "
+                        "use edm")
+  if req.options.get("rho") is not None and req.spacing != "karras":
+    raise ConfigError(f"--rho is an option of --spacing karras, not {req.spacing}: drop it or use "
+                      "--spacing karras")
   return req
 
 

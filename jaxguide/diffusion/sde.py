@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxguide.errors import ConfigError
 
-SPACINGS = ("linear", "logsnr")   # time_grid's spacings
+SPACINGS = ("linear", "logsnr", "karras")   # time_grid's spacings
 
 
 def broadcast_to_data(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -93,21 +93,40 @@ class VPSDE:
     delta = self.beta_max - self.beta_min
     return -4.0 * log_alpha / (self.beta_min + jnp.sqrt(self.beta_min**2 - 4.0 * delta * log_alpha))
 
-  def time_grid(self, steps: int, t_eps: float = 1e-3, spacing: str = "linear") -> jax.Array:
+  def sigma_tilde(self, t: jax.Array) -> jax.Array:
+    """σ̃(t) = σ/α = exp(−λ/2): the VE noise level of x/α (k-diffusion's σ; EDM's sampler and the
+    Karras grid work in it)."""
+    return jnp.exp(-0.5 * self.log_snr(t))
+
+  def time_of_sigma_tilde(self, sigma_tilde: jax.Array) -> jax.Array:
+    """The time t with σ̃(t) = sigma_tilde: the inverse of `sigma_tilde`."""
+    return self.log_snr_inverse(-2.0 * jnp.log(sigma_tilde))
+
+  def time_grid(self, steps: int, t_eps: float = 1e-3, spacing: str = "linear",
+                rho: float = 7.0) -> jax.Array:
     """steps + 1 decreasing times from T to t_eps: the discretisation every sampler walks.
 
     spacing="linear" spaces the times uniformly in t; "logsnr" spaces λ(t) = log(α²/σ²) uniformly
-    between λ(T) and λ(t_eps) (DPM-Solver's "logSNR" grid), which puts more steps near t_eps.
+    between λ(T) and λ(t_eps) (DPM-Solver's "logSNR" grid), which puts more steps near t_eps;
+    "karras" spaces σ̃^{1/ρ} uniformly from σ̃(T) to σ̃(t_eps) (Karras et al. 2022, eq. 5; ρ = 7),
+    more steps still at low noise.
     """
     if steps < 1:
       raise ConfigError(f"steps={steps}: the number of sampling steps must be >= 1 (e.g. --steps 100)")
     if spacing == "linear":
       return jnp.linspace(self.T, t_eps, steps + 1)
-    if spacing != "logsnr":
+    if spacing == "logsnr":
+      lam = jnp.linspace(self.log_snr(self.T), self.log_snr(t_eps), steps + 1)
+      grid = self.log_snr_inverse(lam)
+    elif spacing == "karras":
+      if not rho > 0:
+        raise ConfigError(f"rho={rho!r}: the Karras grid's exponent must be > 0 (EDM's 7)")
+      hi, lo = self.sigma_tilde(self.T) ** (1.0 / rho), self.sigma_tilde(t_eps) ** (1.0 / rho)
+      grid = self.time_of_sigma_tilde(jnp.linspace(hi, lo, steps + 1) ** rho)
+    else:
       raise ConfigError(f"spacing={spacing!r} is not known: use one of {', '.join(SPACINGS)}")
-    lam = jnp.linspace(self.log_snr(self.T), self.log_snr(t_eps), steps + 1)
     # The endpoints are set exactly: the round trip t -> λ -> t is only float32-accurate.
-    return self.log_snr_inverse(lam).at[0].set(self.T).at[-1].set(t_eps)
+    return grid.at[0].set(self.T).at[-1].set(t_eps)
 
   def discrete_alphas_cumprod(self, steps: int, t_eps: float = 1e-3,
                               spacing: str = "linear") -> tuple[jax.Array, jax.Array]:
