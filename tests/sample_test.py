@@ -208,6 +208,11 @@ BAD_SAMPLE = [
     ("zero norm_threshold", None, ["--guidance=apg", "--norm_threshold=0"], "--norm_threshold"),
     ("negative recurrence", None, ["--guidance=cfg", "--recurrence=-1"], "--recurrence"),
     ("fdg on points", None, ["--guidance=fdg"], "needs image data"),
+    ("churn off edm", None, ["--sampler=ddim", "--churn=40"], "--churn is an option of --sampler edm"),
+    ("negative churn", None, ["--sampler=edm", "--churn=-1"], "--churn=-1"),
+    ("s_tmin above s_tmax", None, ["--sampler=edm", "--s_tmin=2", "--s_tmax=1"], "--s_tmin=2 > --s_tmax=1"),
+    ("rho off karras", None, ["--spacing=linear", "--rho=7"], "--rho is an option of --spacing karras"),
+    ("rho zero", None, ["--spacing=karras", "--rho=0"], "--rho=0"),
     ("fdg one level", None, ["--guidance=fdg", "--fdg_levels=1"], "--fdg_levels"),
     ("momentum of one", None, ["--guidance=apg", "--apg_momentum=1"], "(-1, 1)"),
     ("momentum without apg", None, ["--guidance=cfg", "--apg_momentum=-0.5"], "--guidance apg"),
@@ -298,6 +303,17 @@ def test_generate_stops_at_the_score_t_eps(image_workdir):
                                          "ddim", 3, t_eps=t_eps)
   np.testing.assert_allclose(x, direct(0.02), rtol=1e-4, atol=1e-4)
   assert not np.allclose(x, direct(1e-3), rtol=1e-4, atol=1e-4)
+
+
+def test_edm_with_churn_on_the_karras_grid_from_the_command_line(toy_workdir, tmp_path):
+  out = tmp_path / "out"
+  res = run_sample(f"--workdir={toy_workdir}", f"--out={out}", "--sampler=edm", "--churn=40",
+                   "--spacing=karras", "--steps=4", "--num_per_class=2", "--guidance=cfg")
+  assert res.returncode == 0, res.stderr[-3000:]
+  request = json.loads(res.stdout)["request"]
+  assert request["sampler"] == "edm" and request["spacing"] == "karras"
+  with np.load(out / "samples.npz") as f:
+    assert np.all(np.isfinite(f["image"]))
 
 
 def test_fdg_momentum_and_recurrence_through_the_pipeline(image_workdir):
