@@ -129,15 +129,16 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("errors", None, "PNG: every sample a judge puts in another class, a row per "
                       "kind and scale, each titled requested -> what each judge read (also listed in "
                       "--json under 'errors').", flag_values=fv)
-  flags.DEFINE_multi_string("option", [], "NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS) or recurrence, e.g. "
+  flags.DEFINE_multi_string("option", [], "NAME=VALUE guidance option (pipeline.GUIDE_OPTIONS) or sampling option (recurrence, spacing, edm's churn ...), e.g. "
                             "norm_threshold=15; repeatable.", flag_values=fv)
 
 
 FLAGS = flags.FLAGS
 
 
-# Guidance options, and the sampler option that applies to every guidance.
-OPTION_NAMES = (*pipeline.GUIDE_OPTIONS, "recurrence")
+# Guidance options, and the sampling options that apply to every guidance.
+OPTION_NAMES = (*pipeline.GUIDE_OPTIONS, "recurrence", "spacing", "rho", "churn", "s_tmin", "s_tmax",
+                "s_noise")
 
 
 def main(argv) -> None:
