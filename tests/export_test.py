@@ -3,7 +3,7 @@ samplers lower with `jax.export` for ("cuda", "tpu"), and the modules hold no ho
 no CPU-only custom call (a LAPACK or DUCC kernel, a target named for the CPU): what a GPU or TPU
 would run never waits on the host. Traced on the code path a GPU or TPU host takes
 (`cpu.force(False)`: this host's own CPU workarounds are chosen by the backend it traces on).
-Every guidance kind with ddim, classifier guidance and CFG with a stochastic sampler too
+Each way a guidance kind reaches the network with ddim, classifier guidance and CFG with a stochastic sampler too
 (the samplers share one scan). Lowering only, nothing compiled: tiny networks, 8x8x1 images.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from configs import mnist, mnist_text, toy2d
 from jaxguide import conditioning, cpu, parallel, pipeline, samplers
 from jaxguide import config as config_lib
 from jaxguide.diffusion.sde import sde_from
-from jaxguide.guidance import registry
 from jaxguide.models.build import MODEL_INDEX
 from jaxguide.training import specs
 from jaxguide.training.state import create_train_state, make_optimizer, make_train_step
@@ -151,7 +150,10 @@ def run_of(text: bool) -> pipeline.Run:
 
 
 OPTIONS = {"compose": {"compose": ((0, 1.0), (1, 0.5))}}
-SAMPLE_CASES = ([(kind, "ddim", False) for kind in registry.NAMES]
+# Each way a kind reaches the network: one pass, CFG's vmapped passes, a classifier's gradient,
+# a gradient through the denoiser, x̂₀ bands, CFG++'s pair; then the samplers' other loops.
+SAMPLE_KINDS = ("none", "cfg", "classifier", "x0_classifier", "fdg", "apg", "cfgpp", "autoguidance")
+SAMPLE_CASES = ([(kind, "ddim", False) for kind in SAMPLE_KINDS]
                 + [(kind, "ddpm", False) for kind in ("classifier", "cfg")]
                 + [("cfg", "ddim", True)])
 

@@ -273,8 +273,8 @@ class SamplingTest(chex.TestCase):
     self.assertGreater(fractions[2], fractions[1])
 
 
-KINDS = ("negative", "compose", "autoguidance", "apg", "apg_momentum", "x0_classifier", "cfgpp",
-         "cfg_linear")
+# APG's momentum in every sampler: guidance_state_test.test_state_and_recurrence_in_every_sampler.
+KINDS = ("negative", "compose", "autoguidance", "apg", "x0_classifier", "cfgpp", "cfg_linear")
 
 
 class EverySamplerTest(chex.TestCase):
