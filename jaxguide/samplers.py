@@ -48,6 +48,7 @@ from jaxguide import guidance
 from jaxguide.diffusion.score import EpsFn, eps_to_score, eps_to_x0
 from jaxguide.diffusion.sde import SPACINGS, VPSDE, broadcast_to_data
 from jaxguide.errors import ConfigError
+from jaxguide.guidance.projected import concrete
 from jaxguide.parallel import batch_mesh, batch_sharding
 
 Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0] is x
@@ -360,14 +361,15 @@ def edm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, churn: float = 0.0, s_tm
                evaluates_t_next=True)
 
 
+def _known(value) -> Optional[float]:
+  """A scalar option as a float when it is known at trace time (`guidance.projected.concrete`)."""
+  v = concrete(value)
+  return None if v is None or v.size != 1 else float(v)
+
+
 def _check_edm(churn, s_tmin, s_tmax, s_noise) -> None:
   """EDM's options, where they are known at trace time, with one line each."""
-  def known(v):
-    try:
-      return float(v)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-      return None
-  c, lo, hi, noise = known(churn), known(s_tmin), known(s_tmax), known(s_noise)
+  c, lo, hi, noise = (_known(v) for v in (churn, s_tmin, s_tmax, s_noise))
   if c is not None and not c >= 0:
     raise ConfigError(f"churn={churn!r}: EDM's stochasticity must be >= 0 (0 = deterministic, "
                       "e.g. 40)")
@@ -467,10 +469,7 @@ def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: 
 def _check_run(eps_fn: EpsFn, sde: VPSDE, sampler: str, t_eps, recurrence) -> None:
   """The checks that need the ε-function or the SDE: t_eps inside (0, T), recurrence a count,
   CFG++ only where the sampler re-noises."""
-  try:
-    t = float(t_eps)
-  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    t = None   # traced: checked by nobody
+  t = _known(t_eps)   # traced: checked by nobody
   if t is not None and not 0.0 < t < float(sde.T):
     raise ConfigError(f"t_eps={t_eps!r}: the last time must be in (0, T = {float(sde.T):g}) "
                       "(σ(0) = 0 divides; best the score network's training t_eps, e.g. 1e-3)")

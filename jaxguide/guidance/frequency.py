@@ -57,10 +57,14 @@ def collapse(bands: list[jax.Array]) -> jax.Array:
   return x
 
 
-def check_levels(shape: tuple[int, ...], levels: int) -> None:
+def _check_level_count(levels: int) -> None:
   if not isinstance(levels, numbers.Integral) or levels < 2:
     raise ConfigError(f"fdg levels={levels!r}: must be an integer >= 2 (two bands: fine and "
                       "coarse), e.g. levels=2")
+
+
+def check_levels(shape: tuple[int, ...], levels: int) -> None:
+  _check_level_count(levels)
   if len(shape) != 4:
     raise ConfigError(f"fdg splits images (B, H, W, C) into frequency bands; this data has shape "
                       f"{tuple(shape[1:])}: use cfg or apg")
@@ -85,8 +89,7 @@ def fdg(eps_fn: EpsFn, sde: VPSDE, scale_low: Scale, scale_high: Scale, null_lab
   conditional and null passes of one vmapped call. scale_low = scale_high = s is
   `classifier_free` at s."""
   _check_interval(interval)
-  if not isinstance(levels, numbers.Integral) or levels < 2:
-    check_levels((0, 0, 0, 0), levels)
+  _check_level_count(levels)
 
   def fn(x, t, y):
     def guided():
