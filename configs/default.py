@@ -20,7 +20,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # What the score network is conditioned on: "label" (integer classes, ∅ = num_classes), or
   # "text" (caption encodings, ∅ = the encoding of ""; configs/mnist_text.py, jaxguide.conditioning).
   c.condition = ml_collections.ConfigDict({"kind": "label"})
-  c.sde = ml_collections.ConfigDict({"beta_min": 0.01, "beta_max": 10.0})
+  # The process (jaxguide.diffusion.sde): "vp", the VP-SDE with a linear β, or "flow", rectified
+  # flow (its section is {"process": "flow", "T": 0.999}: configs/mnist.py:flow).
+  c.sde = ml_collections.ConfigDict({"process": "vp", "beta_min": 0.01, "beta_max": 10.0})
 
   c.train = ml_collections.ConfigDict({
       "steps": 2000, "batch_size": 64, "lr": 2e-4, "warmup_steps": 100, "schedule": "constant",

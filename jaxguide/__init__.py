@@ -17,6 +17,8 @@ _EXPORTS = {
     "eps_fn": ("jaxguide.diffusion.score", "eps_fn"),
     "log_prob_fn": ("jaxguide.diffusion.score", "log_prob_fn"),
     "VPSDE": ("jaxguide.diffusion.sde", "VPSDE"),
+    "RectifiedFlow": ("jaxguide.diffusion.sde", "RectifiedFlow"),
+    "Process": ("jaxguide.diffusion.sde", "Process"),
 }
 __all__ = sorted(_EXPORTS)
 

@@ -16,7 +16,7 @@ from jaxguide import cluster, conditioning, guidance, parallel, samplers
 from jaxguide import config as config_lib
 from jaxguide.diffusion.score import eps_fn as bind_eps
 from jaxguide.diffusion.score import log_prob_fn as bind_log_prob
-from jaxguide.diffusion.sde import VPSDE, sde_from
+from jaxguide.diffusion.sde import Process, sde_from
 from jaxguide.errors import ConfigError
 from jaxguide.guidance import registry
 from jaxguide.models.build import MODEL_INDEX, build_model, cond_dim, example_inputs
@@ -31,7 +31,7 @@ class Run:
   """A trained workdir: its config, SDE, data shape and the EMA parameters of each model in it."""
   workdir: str
   config: ml_collections.ConfigDict
-  sde: VPSDE
+  sde: Process
   shape: tuple[int, ...]
   num_classes: int
   apply_fns: dict[str, Callable[..., jax.Array]]

@@ -1,4 +1,6 @@
-"""Samplers for the VP-SDE, each one short pure function whose loop is ONE `lax.scan`.
+"""Samplers for every process (`sde.Process`: the VP-SDE, the rectified flow), each one short pure
+function whose loop is ONE `lax.scan`. They read the process through its interface only (α, σ,
+their rates, λ, σ̃, the SDE's f and g), so each runs on every Gaussian path.
 
 Every sampler has the signature
 
@@ -46,7 +48,7 @@ from jax import lax
 
 from jaxguide import guidance
 from jaxguide.diffusion.score import EpsFn, eps_to_score, eps_to_x0
-from jaxguide.diffusion.sde import SPACINGS, VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import Process, SPACINGS, broadcast_to_data
 from jaxguide.errors import ConfigError
 from jaxguide.guidance.projected import concrete
 from jaxguide.parallel import batch_mesh, batch_sharding
@@ -55,7 +57,7 @@ Step = Callable[..., tuple]   # (carry, t, t_next, key, last) -> carry; carry[0]
 
 
 def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array, save_every: int,
-          eps_fn: Optional[EpsFn] = None, *, y: Optional[jax.Array] = None, sde: Optional[VPSDE] = None,
+          eps_fn: Optional[EpsFn] = None, *, y: Optional[jax.Array] = None, sde: Optional[Process] = None,
           recurrence: int = 0, evaluates_t_next: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
   """Runs `step` over consecutive (t, t_next) pairs of `times` in lax.scan.
 
@@ -103,11 +105,11 @@ def _scan(step: Step, carry: tuple, times: jax.Array, key: jax.Array, save_every
   return carry[0], traj
 
 
-def _recurrent(step: Step, eps_fn: Optional[EpsFn], sde: Optional[VPSDE], recurrence: int) -> Callable:
+def _recurrent(step: Step, eps_fn: Optional[EpsFn], sde: Optional[Process], recurrence: int) -> Callable:
   """(carry, states, t, t_next, key, last) -> (carry, states): `step` with the guidance states
   threaded, and with self-recurrence (Bansal et al. 2023; RePaint's resampling, Lugmayr et al.
   2022): n times, step t → s, then back to t by the forward transition
-  q(x_t | x_s) = N(√(1 − β_ts) x_s, β_ts I) with fresh noise; then the step that is kept. Each
+  q(x_t | x_s) = N(a x_s, v I) (`_transition`) with fresh noise; then the step that is kept. Each
   repetition starts from the step's own carry but for x (a multistep sampler's history is that of
   the steps before). The last step is never repeated. n = 0 is the step itself."""
   def once(carry, states, t, t_next, key, last):
@@ -119,14 +121,13 @@ def _recurrent(step: Step, eps_fn: Optional[EpsFn], sde: Optional[VPSDE], recurr
     return once
 
   def repeated(carry, states, t, t_next, key, last):
-    beta = -jnp.expm1(2 * (sde.log_alpha(t) - sde.log_alpha(t_next)))
-
+    a, var, _, _, _ = _transition(sde, t, t_next)
     def again(j, loop):
       x_t, states = loop
       out, states = once((x_t,) + carry[1:], states, t, t_next,
                          jax.random.fold_in(key, 2 * j + 1), last)
       z = jax.random.normal(jax.random.fold_in(key, 2 * j + 2), x_t.shape, x_t.dtype)
-      return (jnp.sqrt(1.0 - beta) * out[0] + jnp.sqrt(beta) * z).astype(x_t.dtype), states
+      return (a * out[0] + jnp.sqrt(var) * z).astype(x_t.dtype), states
     x_t, states = lax.fori_loop(0, jnp.where(last, 0, recurrence), again, (carry[0], states))
     return once((x_t,) + carry[1:], states, t, t_next, key, last)
   return repeated
@@ -171,7 +172,7 @@ def _batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.full((x.shape[0],), t, jnp.float32)
 
 
-def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0,
+def euler_maruyama(key, eps_fn: EpsFn, sde: Process, x, y, times, *, recurrence: int = 0,
                    save_every: int = 0):
   """Euler–Maruyama on the reverse SDE dx = [f − g² score] dt + g dW̄ (the reference tutorial's).
 
@@ -186,14 +187,14 @@ def euler_maruyama(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: i
   return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def _reverse_sde_step(sde: VPSDE, x, eps, tb, h, key):
+def _reverse_sde_step(sde: Process, x, eps, tb, h, key):
   """x + [g² score − f] h + g √h z: one Euler–Maruyama step of the reverse SDE, back by h."""
   g = broadcast_to_data(sde.diffusion(tb), x)
   mean = x + (g**2 * eps_to_score(sde, eps, tb) - sde.drift(x, tb)) * h
   return mean + g * jnp.sqrt(h) * jax.random.normal(key, x.shape, x.dtype)
 
 
-def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
+def pc(key, eps_fn: EpsFn, sde: Process, x, y, times, *, snr: float = 0.16,
        corrector_steps: int = 1, recurrence: int = 0, save_every: int = 0):
   """Predictor–corrector (score_sde): Langevin corrector at t, then a reverse-diffusion predictor.
 
@@ -225,7 +226,7 @@ def pc(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, snr: float = 0.16,
   return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0,
+def ode_heun(key, eps_fn: EpsFn, sde: Process, x, y, times, *, recurrence: int = 0,
              save_every: int = 0):
   """Heun's 2nd-order method on the probability-flow ODE dx/dt = f − ½ g² score (EDM's sampler).
 
@@ -233,7 +234,7 @@ def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0
   """
   def velocity(x, t):
     tb = _batch_t(t, x)
-    g2 = broadcast_to_data(sde.beta(tb), x)
+    g2 = broadcast_to_data(sde.diffusion(tb) ** 2, x)
     return sde.drift(x, tb) - 0.5 * g2 * eps_to_score(sde, eps_fn(x, tb, y), tb)
 
   def step(carry, t, t_next, key, last):
@@ -246,53 +247,59 @@ def ode_heun(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0
                evaluates_t_next=True)
 
 
-def _ancestral_coeffs(sde: VPSDE, t, t_next):
-  """(ᾱ_t, ᾱ_s, 1 − ᾱ_t, 1 − ᾱ_s, β_ts = 1 − ᾱ_t/ᾱ_s) of one step t → s on the discrete ᾱ grid,
-  from log α with expm1 so that small steps near t_eps keep their precision."""
-  la, la_next = sde.log_alpha(t), sde.log_alpha(t_next)
-  return (jnp.exp(2 * la), jnp.exp(2 * la_next), -jnp.expm1(2 * la), -jnp.expm1(2 * la_next),
-          -jnp.expm1(2 * (la - la_next)))
+def _transition(sde: Process, t, t_next):
+  """(a, v, σ_t², σ_s², α_s) of one step t → s = t_next. The forward transition of the path is
+  q(x_t | x_s) = N(a x_s, v I) with a = α_t/α_s and v = σ_t² − a² σ_s² = −σ_t² expm1(λ_t − λ_s)
+  (DDPM's β_ts on the VP-SDE, where a = √(1 − β_ts)); written with expm1 so that small steps near
+  t_eps keep their precision. The posterior q(x_s | x_t, x₀) has mean (x_t − (v/σ_t) ε)/a at
+  ε = (x_t − α_t x₀)/σ_t and variance v σ_s²/σ_t²."""
+  alpha_t, sigma_t = sde.marginal_coeffs(t)
+  alpha_s, sigma_s = sde.marginal_coeffs(t_next)
+  var = -sigma_t**2 * jnp.expm1(sde.log_snr(t) - sde.log_snr(t_next))
+  return jnp.exp(sde.log_alpha(t) - sde.log_alpha(t_next)), var, sigma_t**2, sigma_s**2, alpha_s
 
 
-def ddpm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0, save_every: int = 0):
-  """Ancestral sampling (Ho et al. 2020) on ᾱ at the grid times: x_s = (x_t − β_ts/√(1−ᾱ_t) ε)
-  / √(1 − β_ts) + σ_ts z with the posterior variance σ_ts² = β_ts (1 − ᾱ_s)/(1 − ᾱ_t).
+def ddpm(key, eps_fn: EpsFn, sde: Process, x, y, times, *, recurrence: int = 0, save_every: int = 0):
+  """Ancestral sampling (Ho et al. 2020) at the grid times: x_s = (x_t − (v/σ_t) ε)/a + σ_ts z,
+  the posterior q(x_s | x_t, x̂₀) of the path's transition (`_transition`) with variance
+  σ_ts² = v σ_s²/σ_t²; on the VP-SDE, x_s = (x_t − β_ts/√(1−ᾱ_t) ε)/√(1 − β_ts) + σ_ts z.
 
   Under CFG++ (`guidance.cfgpp`) the step is the posterior mean given the guided x̂₀ at the state
   re-noised with the unconditional ε: x_t + σ_t (ε(∅) − ε̂), walked with ε(∅)."""
   def step(carry, t, t_next, key, last):
     (x,) = carry
-    _, _, var_t, var_s, beta = _ancestral_coeffs(sde, t, t_next)
+    a, v, var_t, var_s, _ = _transition(sde, t, t_next)
     guided, eps = guidance.renoising_pair(eps_fn, x, _batch_t(t, x), y)
     if eps is not guided:
       x = x + jnp.sqrt(var_t) * (eps - guided)
-    mean = (x - beta / jnp.sqrt(var_t) * eps) / jnp.sqrt(1 - beta)
-    std = jnp.where(last, 0.0, jnp.sqrt(beta * var_s / var_t))
+    mean = (x - v / jnp.sqrt(var_t) * eps) / a
+    std = jnp.where(last, 0.0, jnp.sqrt(v * var_s / var_t))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
   return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def ddim(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, eta: float = 0.0, recurrence: int = 0,
+def ddim(key, eps_fn: EpsFn, sde: Process, x, y, times, *, eta: float = 0.0, recurrence: int = 0,
          save_every: int = 0):
-  """DDIM (Song et al. 2021): x_s = √ᾱ_s x̂₀ + √(1 − ᾱ_s − σ²) ε + σ z, σ = η σ_ts(ddpm).
+  """DDIM (Song et al. 2021): x_s = α_s x̂₀ + √(σ_s² − σ²) ε + σ z, σ = η σ_ts(ddpm).
 
-  η = 0 is deterministic; η = 1 is ddpm (same noise, same result). Under CFG++
+  η = 0 is deterministic; η = 1 is ddpm (same noise, same result). On the rectified flow η = 0
+  is exactly the Euler step of its ODE, x_s = x_t + (s − t) u with u = ε − x̂₀. Under CFG++
   (`guidance.cfgpp`) x̂₀ comes from the guided ε and the ε term is the unconditional one.
   """
   def step(carry, t, t_next, key, last):
     (x,) = carry
-    _, abar_s, var_t, var_s, beta = _ancestral_coeffs(sde, t, t_next)
+    _, v, var_t, var_s, alpha_s = _transition(sde, t, t_next)
     tb = _batch_t(t, x)
     guided, eps = guidance.renoising_pair(eps_fn, x, tb, y)
     x0 = eps_to_x0(sde, x, guided, tb)
-    var = eta**2 * beta * var_s / var_t
-    mean = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(var_s - var, 0.0)) * eps
+    var = eta**2 * v * var_s / var_t
+    mean = alpha_s * x0 + jnp.sqrt(jnp.maximum(var_s - var, 0.0)) * eps
     std = jnp.where(last, 0.0, jnp.sqrt(var))
     return (mean + std * jax.random.normal(key, x.shape, x.dtype),)
   return _scan(step, (x,), times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0,
+def dpmpp_2m(key, eps_fn: EpsFn, sde: Process, x, y, times, *, recurrence: int = 0,
              save_every: int = 0):
   """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction, in λ = ½ log-SNR.
 
@@ -322,7 +329,7 @@ def dpmpp_2m(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, recurrence: int = 0
   return _scan(step, carry, times, key, save_every, eps_fn, y=y, sde=sde, recurrence=recurrence)
 
 
-def edm(key, eps_fn: EpsFn, sde: VPSDE, x, y, times, *, churn: float = 0.0, s_tmin: float = 0.0,
+def edm(key, eps_fn: EpsFn, sde: Process, x, y, times, *, churn: float = 0.0, s_tmin: float = 0.0,
         s_tmax: float = float("inf"), s_noise: float = 1.0, recurrence: int = 0,
         save_every: int = 0):
   """EDM's sampler (Karras et al. 2022, Alg. 2) on any process: Heun's method on x̃ = x/α in the
@@ -395,14 +402,14 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
-def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y: jax.Array,
+def sample(key: jax.Array, eps_fn: EpsFn, sde: Process, shape: tuple[int, ...], y: jax.Array,
            sampler: str = "euler_maruyama", steps: int = 1000, *, t_eps: float = 1e-3,
            spacing: str = "linear", return_trajectory: bool = False, save_every: int = 50,
            clip_x0: Optional[float] = None, dynamic_threshold: Optional[float] = None,
            recurrence: int = 0, rho: Optional[float] = None, **sampler_kwargs):
   """Draws x0 (shape) from x_T ~ N(0, I) with `sampler` over `steps` steps from T to t_eps.
 
-  `spacing` is the time grid's (`VPSDE.time_grid`): "linear" in t, "logsnr" (uniform in λ) or
+  `spacing` is the time grid's (`Process.time_grid`): "linear" in t, "logsnr" (uniform in λ) or
   "karras" (uniform in σ̃^{1/ρ}, `rho` default 7);
   t_eps is best the score network's training t_eps (it never saw smaller times).
   Returns x0, or (x0, traj) with `return_trajectory` (traj: see the module docstring).
@@ -433,6 +440,8 @@ def sample(key: jax.Array, eps_fn: EpsFn, sde: VPSDE, shape: tuple[int, ...], y:
     x, y = jax.lax.with_sharding_constraint((x, y), batch_sharding(mesh))
   with jax.ensure_compile_time_eval():   # a concrete grid, also under jit: see _scan
     times = sde.time_grid(steps, t_eps, spacing, **({} if rho is None else {"rho": rho}))
+    if sampler in EXPLICIT_SDE:
+      _check_explicit_steps(sde, sampler, times, spacing)
   x0, traj = fn(key_loop, eps_fn, sde, x, y, times, recurrence=int(recurrence),
                 save_every=save_every if return_trajectory else 0, **sampler_kwargs)
   return (x0, traj) if return_trajectory else x0
@@ -466,7 +475,36 @@ def _check(sampler: str, steps: int, spacing: str, shape, y, return_trajectory: 
   return fn
 
 
-def _check_run(eps_fn: EpsFn, sde: VPSDE, sampler: str, t_eps, recurrence) -> None:
+# The samplers that take explicit Euler steps of the reverse SDE (their last step is x̂₀).
+EXPLICIT_SDE = ("euler_maruyama", "pc")
+
+
+def _check_explicit_steps(sde: Process, sampler: str, times: jax.Array, spacing: str) -> None:
+  """Refuses a grid on which an explicit reverse-SDE step diverges. On data at one point the
+  step t → t − h multiplies the noise left in x by m = 1 − 2(σ'/σ) h + (α'/α) h (from
+  g²/σ² = 2σ'/σ − 2α'/α); |m| > 1 grows it. The VP-SDE's linear grid keeps |m| < 1 from 5 steps;
+  the flow's does not near T, where α'/α = −1/(1 − t) (m ≈ −9 at T = 0.999 with 100 steps):
+  there the grid must be even in log-SNR. The last step (x̂₀) is not a step of the SDE."""
+  try:
+    grid = np.asarray(times, np.float64)
+  except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  t, h = grid[:-2], grid[:-2] - grid[1:-1]
+  if not t.size:
+    return
+  alpha, sigma = (np.asarray(v, np.float64) for v in sde.marginal_coeffs(jnp.asarray(t, jnp.float32)))
+  d_alpha, d_sigma = (np.asarray(v, np.float64) for v in sde.marginal_rates(jnp.asarray(t, jnp.float32)))
+  m = 1.0 - 2.0 * d_sigma / sigma * h + d_alpha / alpha * h
+  worst = int(np.argmax(np.abs(m)))
+  if abs(m[worst]) > 1.0:
+    raise ConfigError(
+        f"sampler={sampler!r} on this {sde.name} process and grid (spacing={spacing!r}, "
+        f"{len(grid) - 1} steps): its explicit step from t={t[worst]:.4g} to {grid[worst + 1]:.4g} "
+        f"multiplies the noise by {m[worst]:.3g} and diverges: use spacing='logsnr' or 'karras', "
+        "more steps, or a sampler that steps exactly (ddpm, ddim, dpmpp_2m, edm, ode_heun)")
+
+
+def _check_run(eps_fn: EpsFn, sde: Process, sampler: str, t_eps, recurrence) -> None:
   """The checks that need the ε-function or the SDE: t_eps inside (0, T), recurrence a count,
   CFG++ only where the sampler re-noises."""
   t = _known(t_eps)   # traced: checked by nobody

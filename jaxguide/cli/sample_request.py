@@ -37,7 +37,7 @@ class Request:
   clf_scale: Optional[float] = None
   sampler: Optional[str] = None
   steps: Optional[int] = None
-  spacing: Optional[str] = None      # the time grid: linear | logsnr | karras (VPSDE.time_grid)
+  spacing: Optional[str] = None      # the time grid: linear | logsnr | karras (Process.time_grid)
   num_per_class: Optional[int] = None   # samples per label (per prompt) and scale
   labels: Optional[list[int]] = None
   prompts: Optional[list[str]] = None   # a text run's prompts (default: one held-out caption per class)

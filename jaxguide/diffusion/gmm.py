@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide.diffusion.sde import VPSDE
+from jaxguide.diffusion.sde import Process
 
 
 @flax.struct.dataclass
@@ -35,7 +35,7 @@ class GaussianMixture:
     noise = jax.random.normal(k_noise, (n, self.dim))
     return self.means[comp] + self.stds[comp, None] * noise, self.labels[comp]
 
-  def _component_log_densities(self, sde: VPSDE, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def _component_log_densities(self, sde: Process, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """log(w_k N(x; α μ_k, v_k I)) (B, M) at per-sample times t (B,), and the variances v (B, M)."""
     alpha, sigma = sde.marginal_coeffs(t)
     var = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2
@@ -49,7 +49,7 @@ class GaussianMixture:
     y = jnp.asarray(y)
     return (self.labels[None] == y[:, None]) | (y[:, None] == self.num_classes)
 
-  def log_prob_y(self, sde: VPSDE, x: jax.Array, t: jax.Array) -> jax.Array:
+  def log_prob_y(self, sde: Process, x: jax.Array, t: jax.Array) -> jax.Array:
     """Exact (B, K) log p_t(y | x)."""
     logc, _ = self._component_log_densities(sde, x, t)
     onehot = jax.nn.one_hot(self.labels, self.num_classes, dtype=bool)       # (M, K)
@@ -57,7 +57,7 @@ class GaussianMixture:
     log_joint = jax.scipy.special.logsumexp(per_class, axis=1)               # (B, K)
     return log_joint - jax.scipy.special.logsumexp(log_joint, axis=-1, keepdims=True)
 
-  def score(self, sde: VPSDE, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+  def score(self, sde: Process, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     """Exact ∇ₓ log p_t(x | y); the null label gives the unconditional score."""
     logc, var = self._component_log_densities(sde, x, t)
     logc = jnp.where(self.class_mask(y), logc, -jnp.inf)
@@ -66,12 +66,12 @@ class GaussianMixture:
     comp_scores = -(x[:, None, :] - alpha[:, None, None] * self.means[None]) / var[..., None]
     return jnp.sum(resp[..., None] * comp_scores, axis=1)
 
-  def eps(self, sde: VPSDE, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+  def eps(self, sde: Process, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     """Exact ε(x, t, y) = −σ(t) ∇ₓ log p_t(x | y)."""
     _, sigma = sde.marginal_coeffs(t)
     return -sigma[:, None] * self.score(sde, x, t, y)
 
-  def log_density(self, sde: VPSDE, x: jax.Array, t: jax.Array) -> jax.Array:
+  def log_density(self, sde: Process, x: jax.Array, t: jax.Array) -> jax.Array:
     """Exact log p_t(x), (B,); for density contours."""
     logc, _ = self._component_log_densities(sde, x, t)
     return jax.scipy.special.logsumexp(logc, axis=-1)

@@ -6,8 +6,11 @@
   dropout to the null vector. Each sample's squared error is weighted by w(t) (`WEIGHTINGS`):
   1 is plain ε-matching; 1/α² = 1 + 1/SNR is the v-prediction loss ‖v̂ − v‖² (EDM's weighting for
   σ_data = 1); min(SNR, γ)/SNR is min-SNR-γ (Hang et al. 2023) in ε-space, whatever the network
-  predicts.
-- the noisy classifier's cross-entropy on x_t at t ~ U(t_eps, 1): it must be right at every noise
+  predicts; `velocity` is ((ασ' − α'σ)/α)², for which the loss is the flow-matching objective
+  ‖û − u‖² on the path's velocity u = α'x₀ + σ'ε (ε − x₀ on the rectified flow, weight 1/(1 − t)²).
+  Times: uniform on (t_eps, T), a truncated normal log-SNR (EDM), or logit-normal
+  (SD3, Esser et al. 2024: t = sigmoid(m + s n), n ~ N(0, 1), clipped to [t_eps, T]).
+- the noisy classifier's cross-entropy on x_t at t ~ U(t_eps, T), on the score network's path: it must be right at every noise
   level because guidance asks it for ∇ₓ log p_t(y | x_t) all along the reverse process.
 - the evaluator's cross-entropy on clean images, with small random translations.
 """
@@ -19,18 +22,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxguide.diffusion.sde import VPSDE
+from jaxguide.diffusion import score
+from jaxguide.diffusion.sde import Process
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def sample_times(key: jax.Array, n: int, t_eps: float) -> jax.Array:
-  """t ~ U(t_eps, 1): t = 0 is excluded because σ(0) = 0 makes ε undefined there."""
-  return jax.random.uniform(key, (n,), minval=t_eps, maxval=1.0)
+def sample_times(key: jax.Array, n: int, t_eps: float, T: float = 1.0) -> jax.Array:
+  """t ~ U(t_eps, T): t = 0 is excluded because σ(0) = 0 makes ε undefined there."""
+  return jax.random.uniform(key, (n,), minval=t_eps, maxval=T)
 
 
-def sample_times_logsnr_normal(key: jax.Array, sde: VPSDE, n: int, t_eps: float,
+def sample_times_logit_normal(key: jax.Array, n: int, t_eps: float, T: float, mean: float,
+                              std: float) -> jax.Array:
+  """t = sigmoid(mean + std n), n ~ N(0, 1), clipped to [t_eps, T]: SD3's logit-normal times
+  (mean 0, std 1), denser in the middle of the path than at its ends."""
+  return jnp.clip(jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,))), t_eps, T)
+
+
+def sample_times_logsnr_normal(key: jax.Array, sde: Process, n: int, t_eps: float,
                                mean: float, std: float) -> jax.Array:
   """t whose log-SNR λ(t) is normal N(mean, std²) truncated to [λ(1), λ(t_eps)] (EDM's log-normal
   σ: ln σ_EDM = −λ/2, so EDM's P_mean = −1.2, P_std = 1.2 is mean = 2.4, std = 2.4). Drawn by
@@ -44,7 +55,7 @@ def sample_times_logsnr_normal(key: jax.Array, sde: VPSDE, n: int, t_eps: float,
   return jnp.clip(sde.log_snr_inverse(mean + std * z), t_eps, sde.T)
 
 
-T_SAMPLINGS = ("uniform", "logsnr_normal")
+T_SAMPLINGS = ("uniform", "logsnr_normal", "logit_normal")
 
 
 def drop_labels(key: jax.Array, y: jax.Array, p_uncond: float, null_label) -> jax.Array:
@@ -55,7 +66,7 @@ def drop_labels(key: jax.Array, y: jax.Array, p_uncond: float, null_label) -> ja
   return jnp.where(drop, jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape), y)
 
 
-def loss_weight(sde: VPSDE, t: jax.Array, weighting: str, gamma: float = 5.0) -> jax.Array:
+def loss_weight(sde: Process, t: jax.Array, weighting: str, gamma: float = 5.0) -> jax.Array:
   """w(t) (B,) that multiplies each sample's ε squared error (module docstring)."""
   snr = jnp.exp(sde.log_snr(t))
   if weighting == "eps":
@@ -64,16 +75,19 @@ def loss_weight(sde: VPSDE, t: jax.Array, weighting: str, gamma: float = 5.0) ->
     return 1.0 + 1.0 / snr
   if weighting == "min_snr":
     return jnp.minimum(snr, gamma) / snr
+  if weighting == "velocity":
+    return score.velocity_weight(sde, t)
   raise ValueError(f"weighting={weighting!r}: use one of {WEIGHTINGS}")
 
 
-WEIGHTINGS = ("eps", "v", "min_snr")
+WEIGHTINGS = ("eps", "v", "min_snr", "velocity")
 
 
-def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes: int,
+def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: Process, *, num_classes: int,
                   p_uncond: float = 0.1, t_eps: float = 1e-3, weighting: str = "eps",
                   min_snr_gamma: float = 5.0, t_sampling: str = "uniform",
                   logsnr_mean: float = 0.0, logsnr_std: float = 3.0,
+                  logit_mean: float = 0.0, logit_std: float = 1.0,
                   conditions: Optional[Any] = None) -> LossFn:
   """Weighted mean squared error between the predicted and the true noise, labels dropped at
   p_uncond, at times t ~ U(t_eps, 1) or with a truncated-normal log-SNR (`t_sampling`). The
@@ -89,7 +103,9 @@ def make_eps_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *, num_classes
 
   def draw_times(key, n):
     if t_sampling == "uniform":
-      return sample_times(key, n, t_eps)
+      return sample_times(key, n, t_eps, sde.T)
+    if t_sampling == "logit_normal":
+      return sample_times_logit_normal(key, n, t_eps, sde.T, logit_mean, logit_std)
     return sample_times_logsnr_normal(key, sde, n, t_eps, logsnr_mean, logsnr_std)
 
   def loss_fn(params, batch, key):
@@ -116,13 +132,13 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dic
   return loss, {"accuracy": accuracy}
 
 
-def make_noisy_classifier_loss(apply_fn: Callable[..., jax.Array], sde: VPSDE, *,
+def make_noisy_classifier_loss(apply_fn: Callable[..., jax.Array], sde: Process, *,
                                t_eps: float = 1e-3) -> LossFn:
-  """Cross-entropy of the time-conditioned classifier on x_t, t ~ U(t_eps, 1)."""
+  """Cross-entropy of the time-conditioned classifier on x_t of the process, t ~ U(t_eps, T)."""
   def loss_fn(params, batch, key):
     x0, y = batch["image"], batch["label"]
     k_t, k_noise, k_dropout = jax.random.split(key, 3)
-    t = sample_times(k_t, x0.shape[0], t_eps)
+    t = sample_times(k_t, x0.shape[0], t_eps, sde.T)
     x_t, _ = sde.perturb(k_noise, x0, t)
     logits = apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": k_dropout})
     return _cross_entropy(logits, y)

@@ -22,7 +22,7 @@ from jaxguide import guidance, pipeline
 from jaxguide.diffusion.gmm import GaussianMixture
 from jaxguide.diffusion.score import LogProbFn
 from jaxguide.diffusion.score import log_prob_fn as bind_log_prob
-from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import Process, broadcast_to_data
 
 # The toy posterior maps' times: sharp classes, blurring, nearly merged, almost prior.
 POSTERIOR_TIMES = (0.05, 0.25, 0.5, 0.75)
@@ -55,7 +55,7 @@ def run_log_prob(run: pipeline.Run) -> LogProbFn:
 
 
 @jax.jit
-def noise_example(sde: VPSDE, key: jax.Array, x0: jax.Array, times: jax.Array) -> jax.Array:
+def noise_example(sde: Process, key: jax.Array, x0: jax.Array, times: jax.Array) -> jax.Array:
   """(T, ...) x_t of one clean example x0 (...) at each time. One ε serves every t (unlike
   sde.perturb's independent draws), so that a row of figures shows one image sinking into noise."""
   eps = jax.random.normal(key, jnp.shape(x0), jnp.float32)
@@ -64,7 +64,7 @@ def noise_example(sde: VPSDE, key: jax.Array, x0: jax.Array, times: jax.Array) -
   return broadcast_to_data(alpha, x) * x + broadcast_to_data(sigma, x) * eps[None]
 
 
-def noisy_classifier(log_prob_fn: LogProbFn, sde: VPSDE, key: jax.Array, x0: np.ndarray, label: int,
+def noisy_classifier(log_prob_fn: LogProbFn, sde: Process, key: jax.Array, x0: np.ndarray, label: int,
                      times: Sequence[float]) -> NoisyDiagnostics:
   """p_t(y | x_t) and ∇ₓ log p_t(label | x_t) for one example noised at every time."""
   times = np.asarray(times, np.float32)
@@ -91,18 +91,18 @@ def _mesh(axis: np.ndarray) -> np.ndarray:
 
 
 @jax.jit
-def _exact_log_prob(mixture: GaussianMixture, sde: VPSDE, points: jax.Array, t: jax.Array) -> jax.Array:
+def _exact_log_prob(mixture: GaussianMixture, sde: Process, points: jax.Array, t: jax.Array) -> jax.Array:
   """The mixture's exact log p_t(y | x) (N, K) at one t, compiled once (op by op it costs seconds)."""
   return mixture.log_prob_y(sde, points, jnp.full(points.shape[:1], t, jnp.float32))
 
 
 @jax.jit
-def _log_density(mixture: GaussianMixture, sde: VPSDE, points: jax.Array, t: jax.Array) -> jax.Array:
+def _log_density(mixture: GaussianMixture, sde: Process, points: jax.Array, t: jax.Array) -> jax.Array:
   """log p_t(x) (N,) at one t, compiled once."""
   return mixture.log_density(sde, points, jnp.full(points.shape[:1], t, jnp.float32))
 
 
-def posterior_maps(log_prob_fn: LogProbFn, mixture: GaussianMixture, sde: VPSDE,
+def posterior_maps(log_prob_fn: LogProbFn, mixture: GaussianMixture, sde: Process,
                    times: Sequence[float] = POSTERIOR_TIMES, *, extent: float = 3.0,
                    resolution: int = 81) -> PosteriorMaps:
   """A 2-D classifier's p_t(y | x) and the exact posterior on a grid, at each time."""
@@ -115,7 +115,7 @@ def posterior_maps(log_prob_fn: LogProbFn, mixture: GaussianMixture, sde: VPSDE,
   return PosteriorMaps(times, axis, np.reshape(learned, shape), np.reshape(exact, shape))
 
 
-def density_grid(mixture: GaussianMixture, sde: VPSDE, *, extent: float = 3.0, resolution: int = 121,
+def density_grid(mixture: GaussianMixture, sde: Process, *, extent: float = 3.0, resolution: int = 121,
                  t: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(X, Y, p_t(x)) on a grid, for matplotlib's contour; t = 0 is the clean data density."""
   axis, points = grid_points(extent, resolution)
@@ -124,7 +124,7 @@ def density_grid(mixture: GaussianMixture, sde: VPSDE, *, extent: float = 3.0, r
   return xx, yy, np.exp(np.asarray(log_p)).reshape(xx.shape)
 
 
-def expected_total_variation(maps: PosteriorMaps, mixture: GaussianMixture, sde: VPSDE) -> np.ndarray:
+def expected_total_variation(maps: PosteriorMaps, mixture: GaussianMixture, sde: Process) -> np.ndarray:
   """(T,) E_{x ~ p_t}[½ Σ_y |learned − exact|]: the grid weighted by the exact p_t(x), so that
   regions without data, where a classifier is never trained, do not count."""
   points = jnp.asarray(_mesh(maps.axis))
@@ -149,7 +149,7 @@ def guided_sweep(run: pipeline.Run, key: jax.Array, kind: str, scales: Sequence[
   return x0.reshape((len(scales), len(labels)) + run.shape), labels
 
 
-def exact_accuracy(mixture: GaussianMixture, sde: VPSDE, points: np.ndarray, labels: np.ndarray) -> float:
+def exact_accuracy(mixture: GaussianMixture, sde: Process, points: np.ndarray, labels: np.ndarray) -> float:
   """How often the exact clean posterior's most likely class is the requested label."""
   # t ≈ 0: the clean-data posterior.
   pred = np.argmax(np.asarray(_exact_log_prob(mixture, sde, jnp.asarray(points), 1e-4)), axis=-1)

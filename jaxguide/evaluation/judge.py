@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxguide import data, pipeline
-from jaxguide.diffusion.sde import VPSDE
+from jaxguide.diffusion.sde import Process
 from jaxguide.errors import ConfigError
 from jaxguide.evaluation.metrics import (
   batched,
@@ -47,7 +47,7 @@ def make_predict(apply_fn: Callable[..., jax.Array], params: Any) -> Callable:
   return lambda images: batched(lambda x: fn(params, x), np.asarray(images, np.float32))
 
 
-def make_toy_predict(sde: VPSDE, mixture: Any) -> Callable:
+def make_toy_predict(sde: Process, mixture: Any) -> Callable:
   """2-D toy data has no evaluator: classes from the exact mixture posterior, and the points
   themselves as features."""
   @jax.jit

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxguide.diffusion.sde import VPSDE, sde_from
+from jaxguide.diffusion.sde import Process, sde_from
 
 EVAL_TIMES = (0.05, 0.25, 0.5, 0.75, 1.0)
 
@@ -51,7 +51,7 @@ def _chunk_keys(n: int, seed: int, batch_size: int = 500) -> np.ndarray:
   return np.repeat(keys, batch_size, axis=0)[:n]
 
 
-def make_noisy_accuracy(apply_fn, params, sde: VPSDE) -> Callable[..., float]:
+def make_noisy_accuracy(apply_fn, params, sde: Process) -> Callable[..., float]:
   """(images, labels, t) -> accuracy of a noise-conditional classifier on images noised to time t.
   One compilation serves every t: t is traced."""
   @jax.jit
@@ -66,7 +66,7 @@ def make_noisy_accuracy(apply_fn, params, sde: VPSDE) -> Callable[..., float]:
   return fn
 
 
-def make_eps_mse(apply_fn, params, sde: VPSDE) -> Callable[..., float]:
+def make_eps_mse(apply_fn, params, sde: Process) -> Callable[..., float]:
   """(images, labels, t) -> held-out ε-prediction error at time t; pass the null label as labels
   for the unconditional error. One compilation serves every t."""
   @jax.jit

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxguide.diffusion.score import EpsFn, eps_to_x0, x0_to_eps
-from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import Process, broadcast_to_data
 from jaxguide.errors import ConfigError
 from jaxguide.guidance.intervals import Interval, _check_interval, _within
 from jaxguide.guidance.passes import cond_and_null
@@ -82,7 +82,7 @@ def _halvings(h: int, w: int) -> int:
   return n
 
 
-def fdg(eps_fn: EpsFn, sde: VPSDE, scale_low: Scale, scale_high: Scale, null_label: ArrayLike, *,
+def fdg(eps_fn: EpsFn, sde: Process, scale_low: Scale, scale_high: Scale, null_label: ArrayLike, *,
         levels: int = 2, interval: Interval = None) -> EpsFn:
   """Frequency-decoupled guidance (module docstring): the coarse band of CFG's x̂₀ difference at
   `scale_low`, the finest at `scale_high` (the bands between interpolated), from the

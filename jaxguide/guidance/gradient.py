@@ -10,7 +10,7 @@ import jax
 from jax.typing import ArrayLike
 
 from jaxguide.diffusion.score import EpsFn, LogProbFn, eps_to_x0
-from jaxguide.diffusion.sde import VPSDE
+from jaxguide.diffusion.sde import Process
 from jaxguide.guidance.free import _cfg
 from jaxguide.guidance.intervals import Interval, _check_interval, _within
 from jaxguide.guidance.passes import classifier_grad, selected_log_prob, subtract_gradient
@@ -18,7 +18,7 @@ from jaxguide.guidance.scales import Scale
 from jaxguide.guidance.state import tag
 
 
-def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, *,
+def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: Process, scale: Scale, *,
                interval: Interval = None) -> EpsFn:
   """Classifier guidance: ε̃ = ε(x, t, y) − w σ(t) ∇ₓ log p_t(y | x), w = `scale`.
 
@@ -35,7 +35,7 @@ def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, scale: Scale, 
   return tag(fn, interval, eps_fn, name="classifier")
 
 
-def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: VPSDE, cfg_scale: Scale,
+def combine(eps_fn: EpsFn, log_prob_fn: LogProbFn, sde: Process, cfg_scale: Scale,
             clf_scale: Scale, null_label: ArrayLike, *, interval: Interval = None,
             rescale: ArrayLike = 0.0) -> EpsFn:
   """CFG, then the classifier term: ε̃ = ε(∅) + s (ε(y) − ε(∅)) − w σ(t) ∇ₓ log p_t(y | x).
@@ -58,7 +58,7 @@ def _classifier_term(eps, log_prob_fn, sde, scale, x, t, y) -> jax.Array:
   return subtract_gradient(eps, classifier_grad(log_prob_fn, x, t, y), sde, scale, t)
 
 
-def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: VPSDE, scale: Scale, *,
+def x0_classifier(eps_fn: EpsFn, log_prob_fn, sde: Process, scale: Scale, *,
                   interval: Interval = None) -> EpsFn:
   """Guidance by a classifier of clean images (Bansal et al. 2023's forward guidance):
   ε̃ = ε − s σ(t) ∇ₓ log p(y | x̂₀(x, t)), the gradient taken through the denoiser;

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxguide.diffusion.score import EpsFn, LogProbFn
-from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import Process, broadcast_to_data
 from jaxguide.guidance.scales import scale_at
 from jaxguide.parallel import DATA_AXIS, batch_mesh
 
@@ -75,7 +75,7 @@ def selected_log_prob(log_probs: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(y < num_classes, selected, 0.0))
 
 
-def subtract_gradient(eps: jax.Array, grad: jax.Array, sde: VPSDE, scale, t: jax.Array) -> jax.Array:
+def subtract_gradient(eps: jax.Array, grad: jax.Array, sde: Process, scale, t: jax.Array) -> jax.Array:
   """ε − w σ(t) g: a log-probability gradient g turned into an ε correction at scale w."""
   _, sigma = sde.marginal_coeffs(t)
   w = broadcast_to_data(jnp.asarray(scale_at(scale, t), eps.dtype), eps)

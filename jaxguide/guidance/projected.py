@@ -10,7 +10,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxguide.diffusion.score import EpsFn, eps_to_x0, x0_to_eps
-from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import Process, broadcast_to_data
 from jaxguide.errors import ConfigError
 from jaxguide.guidance.intervals import Interval, _check_interval, _within
 from jaxguide.guidance.passes import cond_and_null
@@ -48,7 +48,7 @@ def _moves_nothing(momentum) -> bool:
   return b is not None and not np.any(b)
 
 
-def apg(eps_fn: EpsFn, sde: VPSDE, scale: Scale, null_label: ArrayLike, *, eta: ArrayLike = 0.0,
+def apg(eps_fn: EpsFn, sde: Process, scale: Scale, null_label: ArrayLike, *, eta: ArrayLike = 0.0,
         norm_threshold: ArrayLike | None = None, momentum: ArrayLike = 0.0,
         interval: Interval = None) -> EpsFn:
   """Adaptive projected guidance, in x̂₀ space (the paper's Algorithm 1): Δ = D_c − D_u; with

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import jax.numpy as jnp
 
 from jaxguide.diffusion.score import EpsFn, LogProbFn
-from jaxguide.diffusion.sde import VPSDE
+from jaxguide.diffusion.sde import Process
 from jaxguide.errors import ConfigError
 from jaxguide.guidance import free, frequency, gradient, projected, x0
 from jaxguide.guidance.scales import scale_at
@@ -52,7 +52,7 @@ class Models:
   functions (None where the workdir has none), the null condition ∅ and the SDE."""
   eps: EpsFn
   null: Any
-  sde: VPSDE
+  sde: Process
   text: bool = False
   classifier: Optional[LogProbFn] = None    # the noisy classifier, log p_t(y | x)
   guide: Optional[EpsFn] = None             # autoguidance's weak network

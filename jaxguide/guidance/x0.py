@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxguide.diffusion.score import EpsFn, eps_to_x0, x0_to_eps
-from jaxguide.diffusion.sde import VPSDE, broadcast_to_data
+from jaxguide.diffusion.sde import Process, broadcast_to_data
 from jaxguide.errors import ConfigError
 from jaxguide.guidance.passes import cond_and_null
 from jaxguide.guidance.scales import Scale, _lerp
@@ -29,7 +29,7 @@ class Paired:
     return self.fn(x, t, y)
 
 
-def _map_x0(eps_fn: EpsFn, sde: VPSDE, f: Callable[[jax.Array], jax.Array]) -> EpsFn:
+def _map_x0(eps_fn: EpsFn, sde: Process, f: Callable[[jax.Array], jax.Array]) -> EpsFn:
   """ε re-derived from f(x̂₀); a Paired ε-function stays paired (its re-noising ε untouched)."""
   def mapped(x, t, eps):
     return x0_to_eps(sde, x, f(eps_to_x0(sde, x, eps, t)), t)
@@ -46,12 +46,12 @@ def _map_x0(eps_fn: EpsFn, sde: VPSDE, f: Callable[[jax.Array], jax.Array]) -> E
   return tag(Paired(lambda x, t, y: paired(x, t, y)[0], paired), None, eps_fn, keeps_pair=True)
 
 
-def clip_x0(eps_fn: EpsFn, sde: VPSDE, limit: float = 1.0) -> EpsFn:
+def clip_x0(eps_fn: EpsFn, sde: Process, limit: float = 1.0) -> EpsFn:
   """Clips x̂₀ to [−limit, limit] and re-derives ε, so that any sampler sees the clipped x̂₀."""
   return _map_x0(eps_fn, sde, lambda x0: jnp.clip(x0, -limit, limit))
 
 
-def dynamic_threshold(eps_fn: EpsFn, sde: VPSDE, quantile: float = 0.995) -> EpsFn:
+def dynamic_threshold(eps_fn: EpsFn, sde: Process, quantile: float = 0.995) -> EpsFn:
   """Imagen's dynamic thresholding (Saharia et al. 2022), then re-derives ε.
 
   s = the `quantile` of |x̂₀| per sample, s ← max(s, 1), x̂₀ ← clip(x̂₀, −s, s) / s. `quantile`

@@ -1,5 +1,5 @@
 """Networks from a model config: each role's architecture, its example inputs, and the
-v-prediction wrapper, so that every model of a run returns ε.
+v-prediction and velocity wrappers, so that every model of a run returns ε.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxguide.diffusion import score
-from jaxguide.diffusion.sde import VPSDE
+from jaxguide.diffusion.sde import Process
 from jaxguide.errors import ConfigError
 from jaxguide.models.classifiers import LeNet, NoisyClassifier
 from jaxguide.models.mlp import MLP, MLPClassifier
@@ -32,23 +32,32 @@ ARCHS: dict[str, Callable[..., Any]] = {
     "mlp_classifier": MLPClassifier, "lenet": LeNet}
 
 
-PARAMS = ("eps", "v")   # what a score network's output means (score.model.param)
+# What a score network's output means (score.model.param): ε, v = αε − σx₀ (a variance-preserving
+# process only), or the path's velocity u = α'x₀ + σ'ε (flow matching; any process).
+PARAMS = ("eps", "v", "velocity")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int, dtype: Any,
-                sde: VPSDE | None = None, role: str = "score") -> Any:
-  """The module a model config describes. A score network with `param='v'` is wrapped in
-  `score.VPrediction` (it needs the SDE), so that every model of a run returns ε."""
+                sde: Process | None = None, role: str = "score") -> Any:
+  """The module a model config describes. A score network with `param='v'` or `'velocity'` is
+  wrapped in `score.VPrediction` or `score.Velocity` (they need the process), so that every model
+  of a run returns ε."""
   kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v
             for k, v in model_cfg.to_dict().items() if k not in ("arch", "param")}
   model = ARCHS[model_cfg.arch](num_classes=num_classes, dtype=dtype, **kwargs)
   param = model_cfg.get("param", "eps")
   if param not in PARAMS:
     raise ConfigError(f"{role}.model.param={param!r}: use one of {PARAMS}")
+  if param != "eps" and sde is None:
+    raise ValueError(f"build_model: a {param}-prediction network needs the run's sde")
   if param == "v":
-    if sde is None:
-      raise ValueError("build_model: a v-prediction network needs the run's sde")
+    alpha, sigma = sde.marginal_coeffs(0.5)
+    if abs(float(alpha**2 + sigma**2) - 1.0) > 1e-5:
+      raise ConfigError(f"{role}.model.param='v' needs a variance-preserving process (α² + σ² = 1), "
+                        f"and this run's is {sde.name}: use param='velocity'")
     model = score.VPrediction(model, sde)
+  elif param == "velocity":
+    model = score.Velocity(model, sde)
   return model
 
 

@@ -66,6 +66,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict | None:
   if missing:
     raise ConfigError(f"{path} is damaged (no {missing[0]!r} section): restore it, or use a new "
                       "--workdir")
+  if isinstance(saved["sde"], dict):   # written before the process was recorded: a VP-SDE run
+    saved["sde"].setdefault("process", "vp")
   return ml_collections.ConfigDict(saved)
 
 
@@ -115,6 +117,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     return
   for section in FROZEN_SECTIONS:
     old, new = _normalise(_section(saved, section)), _normalise(_section(config, section))
+    if section == "sde" and old and new and old.get("process") != new.get("process"):
+      raise ConfigError(f"--workdir={workdir} holds a {old.get('process')} run and this config's "
+                        f"sde.process is {new.get('process')}: use a new --workdir, or the "
+                        "process it was trained with")
     if old is not None and new is not None and old != new:
       raise ConfigError(f"--workdir={workdir} holds a run with another {section} ({old} != {new}): "
                         "use a new --workdir, or the config it was trained with")
