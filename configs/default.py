@@ -36,12 +36,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "attn_resolutions": (), "dropout": 0.1, "groups": 8, "param": "eps"})
   # label dropout, one network learning ε(x,t,y) and ε(x,t,∅): docs/quality.md#label-dropout-scorep_uncond--01
   c.score.p_uncond = 0.1
-  c.score.weighting = "eps"        # per-sample loss weight w(t): eps | v | min_snr (losses.py)
+  c.score.weighting = "eps"        # per-sample loss weight w(t): eps | v | min_snr | velocity (losses.py)
   c.score.min_snr_gamma = 5.0
   # uniform t, or logsnr_normal, λ(t) ~ N(logsnr_mean, logsnr_std²): docs/quality.md#uniform-t-scoret_sampling--uniform
   c.score.t_sampling = "uniform"
   c.score.logsnr_mean = 0.0
   c.score.logsnr_std = 3.0
+  # or logit_normal, t = sigmoid(logit_mean + logit_std n) (SD3's, for flows: configs/mnist.py:flow)
+  c.score.logit_mean = 0.0
+  c.score.logit_std = 1.0
   c.score.train = ml_collections.ConfigDict({"steps": steps})
 
   # Autoguidance's weak guide (Karras et al. 2024): a score network of the same kind, smaller

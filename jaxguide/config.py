@@ -121,6 +121,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be a positive finite number, e.g. 3")
     _check(isinstance(mean, (int, float)) and math.isfinite(mean), "score.logsnr_mean", mean,
            "must be a finite number, e.g. 0")
+    std, mean = config.score.get("logit_std", 1.0), config.score.get("logit_mean", 0.0)
+    _check(isinstance(std, (int, float)) and 0 < std < math.inf, "score.logit_std", std,
+           "must be a positive finite number, e.g. 1 (SD3's)")
+    _check(isinstance(mean, (int, float)) and math.isfinite(mean), "score.logit_mean", mean,
+           "must be a finite number, e.g. 0 (SD3's)")
     for role in SCORE_ROLES:
       if role in model_names(config):
         param = config[role].model.get("param", "eps")

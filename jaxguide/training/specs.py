@@ -60,6 +60,8 @@ def model_spec(name: str, config: ml_collections.ConfigDict, train_ds: Any,
                                 t_sampling=config.score.get("t_sampling", "uniform"),
                                 logsnr_mean=config.score.get("logsnr_mean", 0.0),
                                 logsnr_std=config.score.get("logsnr_std", 3.0),
+                                logit_mean=config.score.get("logit_mean", 0.0),
+                                logit_std=config.score.get("logit_std", 1.0),
                                 conditions=conditions if cond_dim(config, name) else None)
   elif name == "classifier":
     loss = losses.make_noisy_classifier_loss(model.apply, sde, t_eps=tc.t_eps)
