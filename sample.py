@@ -126,6 +126,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
   flags.DEFINE_integer("fdg_levels", None, "--guidance fdg: bands of the Laplacian pyramid, >= 2 "
                        "(default 2).", flag_values=fv)
+  flags.DEFINE_integer("zero_init_steps", None, "--guidance cfg_zero_star: the first sampler steps "
+                       "whose prediction is zeroed (default 0).", flag_values=fv)
   flags.DEFINE_integer("recurrence", None, "Self-recurrence: repeat every step but the last n more "
                        "times, re-noised back to its start (every sampler and guidance; default 0).",
                        flag_values=fv)

@@ -275,6 +275,10 @@ def _family_options(flags_: Any) -> dict[str, Any]:
     if flags_.fdg_levels < 2:
       raise ConfigError(f"--fdg_levels={flags_.fdg_levels}: must be an integer >= 2, e.g. 2")
     out["fdg_levels"] = int(flags_.fdg_levels)
+  if get("zero_init_steps") is not None:
+    if flags_.zero_init_steps < 0:
+      raise ConfigError(f"--zero_init_steps={flags_.zero_init_steps}: must be an integer >= 0, e.g. 1")
+    out["zero_init_steps"] = int(flags_.zero_init_steps)
   if get("recurrence") is not None:
     if flags_.recurrence < 0:
       raise ConfigError(f"--recurrence={flags_.recurrence}: must be an integer >= 0, e.g. 1")

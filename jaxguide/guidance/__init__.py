@@ -5,6 +5,7 @@ another one with the same signature, in the manner of score_sde's controllable_g
 
   classifier guidance   ε̃ = ε − w σ(t) ∇ₓ log p_t(y | x)              (w = 1 is Bayes' rule)
   classifier-free       ε̃ = ε(x, t, ∅) + s (ε(x, t, y) − ε(x, t, ∅))   (s = 0 uncond., s = 1 cond.)
+  CFG-Zero*             CFG on s*·ε(∅) in the path's velocity, zeroed first steps (Fan et al. 2025)
 
 and the newer family (`free`, `gradient`, `projected`, `frequency`, `x0`): negative labels,
 composed labels, autoguidance, adaptive projected guidance (APG, with momentum), frequency-
@@ -43,14 +44,15 @@ from jaxguide.guidance.frequency import fdg
 from jaxguide.guidance.projected import apg
 from jaxguide.guidance.state import Stateful, carried, init_states, stateful_of
 from jaxguide.guidance.gradient import classifier, combine, x0_classifier
-from jaxguide.guidance.free import autoguidance, classifier_free, compose, negative, unconditional
+from jaxguide.guidance.free import (autoguidance, cfg_zero_star, classifier_free, compose, negative,
+                                    unconditional)
 from jaxguide.guidance.intervals import Interval, decided_intervals, intervals_of
 from jaxguide.guidance.passes import classifier_grad, null_like, passes
 from jaxguide.guidance.scales import SCHEDULES, Scale, scale_at, schedule
 from jaxguide.guidance.x0 import CFGPlusPlus, Paired, cfgpp, clip_x0, dynamic_threshold, renoising_pair
 
 __all__ = ["SCHEDULES", "CFGPlusPlus", "Interval", "Paired", "Scale", "Stateful", "apg",
-           "autoguidance", "carried", "cfgpp", "classifier", "classifier_free", "classifier_grad",
+           "autoguidance", "carried", "cfg_zero_star", "cfgpp", "classifier", "classifier_free", "classifier_grad",
            "clip_x0", "combine", "compose", "decided_intervals", "dynamic_threshold", "fdg",
            "init_states", "intervals_of", "negative", "null_like", "passes", "renoising_pair",
            "scale_at", "schedule", "stateful_of", "unconditional", "x0_classifier"]

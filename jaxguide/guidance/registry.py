@@ -43,6 +43,7 @@ OPTIONS = {o.name: o for o in (
     Option("apg_momentum", "--apg_momentum"),
     Option("fdg_low", "--fdg_low"),
     Option("fdg_levels", "--fdg_levels"),
+    Option("zero_init_steps", "--zero_init_steps"),
 )}
 
 
@@ -107,6 +108,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          lambda m, s, w, interval=None, rescale=0.0: free.classifier_free(
              m.eps, s, m.null, interval=interval, rescale=rescale),
          options=("interval", "rescale")),
+    Kind("cfg_zero_star", "CFG-Zero*: s*·ε(∅) + s (ε(y) − s*·ε(∅)) in the path's velocity, the first "
+         "--zero_init_steps steps zero",
+         lambda m, s, w, zero_init_steps=0, interval=None: free.cfg_zero_star(
+             m.eps, s, m.null, int(zero_init_steps), sde=m.sde, interval=interval),
+         options=("zero_init_steps", "interval")),
     Kind("both", "CFG at s, then the classifier term at clf_scale",
          lambda m, s, w, interval=None, rescale=0.0: gradient.combine(
              m.eps, m.classifier, m.sde, s, w, m.null, interval=interval, rescale=rescale),
