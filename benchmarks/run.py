@@ -670,6 +670,9 @@ def torch_loss_weight(sde: jg.VPSDE, t: torch.Tensor, weighting: str, gamma: flo
     return 1.0 + 1.0 / snr
   if weighting == "min_snr":
     return torch.clamp(snr, max=gamma) / snr
+  if weighting == "velocity":   # ((ασ' − α'σ)/α)² = β²/(4σ²) on the VP-SDE
+    beta = sde.beta_min + t * (sde.beta_max - sde.beta_min)
+    return beta**2 / (4.0 * -torch.expm1(2.0 * log_alpha))
   raise ValueError(f"weighting={weighting!r}: use one of {losses.WEIGHTINGS}")
 
 

@@ -23,8 +23,8 @@ MIX = gmm.ring_mixture()
 NULL = MIX.num_classes
 KEY = jax.random.PRNGKey(0)
 N = 2000
-# (steps, spacing) per sampler: the explicit reverse-SDE steps need a grid even in log-SNR here.
-GRIDS = {"euler_maruyama": (200, "logsnr"), "pc": (60, "logsnr"), "ode_heun": (20, "linear"),
+# (steps, spacing) per sampler.
+GRIDS = {"euler_maruyama": (100, "linear"), "pc": (60, "logsnr"), "ode_heun": (20, "linear"),
          "ddpm": (100, "linear"), "ddim": (20, "linear"), "dpmpp_2m": (20, "logsnr"),
          "edm": (20, "karras")}
 
@@ -171,10 +171,14 @@ def test_cfg_zero_star():
 
 
 def test_refusals_and_old_configs():
-  # explicit reverse-SDE steps on the flow's linear grid diverge near T
-  with pytest.raises(ConfigError, match="multiplies the noise by .* use spacing='logsnr'"):
-    sample(KEY, exact_eps, FLOW, (4, 2), labels(4), "euler_maruyama", 100)
-  sample(KEY, exact_eps, jg.VPSDE(), (4, 2), labels(4), "euler_maruyama", 100)   # the VP's is fine
+  # explicit reverse-SDE steps that grow the noise over the run: the flow's log-SNR grid at 5 steps
+  with pytest.raises(ConfigError, match="from t=0.999 on multiply the noise by .* use more steps"):
+    sample(KEY, exact_eps, FLOW, (4, 2), labels(4), "euler_maruyama", 5, spacing="logsnr")
+  with pytest.raises(ConfigError, match="sampler='pc' on this flow process"):
+    sample(KEY, exact_eps, FLOW, (4, 2), labels(4), "pc", 3)
+  # one overshooting step that later steps contract is fine (the flow's linear grid at T)
+  sample(KEY, exact_eps, FLOW, (4, 2), labels(4), "euler_maruyama", 100)
+  sample(KEY, exact_eps, jg.VPSDE(), (4, 2), labels(4), "euler_maruyama", 2)
   old = ml_collections.ConfigDict({"sde": {"beta_min": 0.1, "beta_max": 20.0}})
   assert isinstance(sde_from(old), jg.VPSDE) and sde_from(old).beta_max == 20.0
   flow = ml_collections.ConfigDict({"sde": {"process": "flow", "T": 0.99}})
