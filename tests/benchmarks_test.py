@@ -228,6 +228,39 @@ def test_frontier_names_lines_by_a_kinds_own_options(quality_run, runs):
   assert refused.returncode != 0 and "drawn otherwise" in refused.stderr
 
 
+def test_compare_models(quality_run, runs):
+  """Two models' runs under one judge: a summary row per model (named by --name), a passes table
+  for the settings drawn at two step counts (edm's Heun steps count twice); another judge's floor
+  and a malformed --name are refused."""
+  _, quality_json = quality_run
+  with open(quality_json) as f:
+    base = json.load(f)
+  other = {**base, "workdir": "runs/other"}
+  edm = {**base, "workdir": "runs/other", "options": {**base["options"], "sampler": "edm", "steps": 3}}
+  edm6 = {**edm, "options": {**edm["options"], "steps": 6}}
+  floor = {**base, "evaluator": {**base["evaluator"], "floor": base["evaluator"]["floor"] * 2}}
+  paths = {}
+  for name, run in (("other", other), ("edm", edm), ("edm6", edm6), ("floor", floor)):
+    paths[name] = runs.path(f"compare_{name}.json")
+    with open(paths[name], "w") as f:
+      json.dump(run, f)
+  png = runs.path("compare.png")
+  res = runs("benchmarks/compare_models.py", quality_json, paths["other"], paths["edm"],
+             paths["edm6"], "--judge", "evaluator", "--name", f"{base['workdir']}=toy",
+             "--png", png)
+  assert_ok(res)
+  lines = [l for l in res.stdout.splitlines() if l.startswith("| ") and "---" not in l]
+  assert [l.split("|")[1].strip() for l in lines[1:3]] == ["toy (ddim 2)", "runs/other (ddim 2)"]
+  header = next(l for l in lines if "passes" in l)
+  assert "6 passes" in header and "12 passes" in header     # edm: 2 network passes a step
+  assert any(l.startswith("| runs/other, cfg 2 | edm |") for l in lines)
+  assert is_png(png)
+  refused = runs("benchmarks/compare_models.py", quality_json, paths["floor"], "--judge", "evaluator")
+  assert refused.returncode != 0 and "floor" in refused.stderr.strip().splitlines()[-1]
+  refused = runs("benchmarks/compare_models.py", quality_json, "--judge", "evaluator", "--name", "x")
+  assert refused.returncode == 2 and "--name='x'" in refused.stderr.strip().splitlines()[-1]
+
+
 def test_quality_curve(quality_run, runs):
   _, quality_json = quality_run
   png = runs.path("curve.png")
