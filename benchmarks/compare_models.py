@@ -117,6 +117,7 @@ def plot(rows: list[dict], curves: dict, path: str, judge: str) -> None:
   right.set(xscale="log", xlabel="network passes", ylabel="FD ÷ floor", title="samplers")
   right.set_xticks(sorted({q for v in curves.values() for q in v}))
   right.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+  right.get_xaxis().set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
   right.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   plotting.save_figure(fig, path)
