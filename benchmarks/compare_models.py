@@ -56,14 +56,18 @@ def load(paths: list[str], judge: str, names: dict[str, str]) -> tuple[float, li
   return floor, rows
 
 
+def main_setting(rows: list[dict]) -> tuple[tuple[str, int], list[dict]]:
+  """A model's most-drawn (sampler, steps), its scale sweep, and the rows drawn so."""
+  setting = max(dict.fromkeys((r["sampler"], r["steps"]) for r in rows),
+                key=lambda k: sum(1 for r in rows if (r["sampler"], r["steps"]) == k))
+  return setting, [r for r in rows if (r["sampler"], r["steps"]) == setting]
+
+
 def summary(rows: list[dict]) -> str:
   lines = ["| model | unguided (s = 1) | best CFG accuracy (s, FD ÷ floor) | lowest FD ÷ floor (kind s, accuracy) |",
            "|---|---|---|---|"]
   for model in dict.fromkeys(r["model"] for r in rows):
-    mine = [r for r in rows if r["model"] == model]
-    default = max(dict.fromkeys((r["sampler"], r["steps"]) for r in mine),
-                  key=lambda k: sum(1 for r in mine if (r["sampler"], r["steps"]) == k))
-    mine = [r for r in mine if (r["sampler"], r["steps"]) == default]
+    default, mine = main_setting([r for r in rows if r["model"] == model])
     none = [r for r in mine if r["guidance"] == "none"]
     cfg = [r for r in mine if r["guidance"] == "cfg"]
     cell = lambda r: f"{r['accuracy']:.1%}, {r['ratio']:.2f}×"
@@ -97,11 +101,8 @@ def plot(rows: list[dict], curves: dict, path: str, judge: str) -> None:
   models = list(dict.fromkeys(r["model"] for r in rows))
   colours = dict(zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for model in models:
-    mine = [r for r in rows if r["model"] == model]
-    setting = max(dict.fromkeys((r["sampler"], r["steps"]) for r in mine),
-                  key=lambda k: sum(1 for r in mine if (r["sampler"], r["steps"]) == k))
-    line = sorted((r for r in mine if (r["sampler"], r["steps"]) == setting
-                   and r["guidance"] in ("none", "cfg")), key=lambda r: r["scale"])
+    setting, mine = main_setting([r for r in rows if r["model"] == model])
+    line = sorted((r for r in mine if r["guidance"] in ("none", "cfg")), key=lambda r: r["scale"])
     left.plot([100 * r["accuracy"] for r in line], [r["ratio"] for r in line], "o-",
               color=colours[model], label=f"{model} ({setting[0]} {setting[1]})")
     for r in line:
